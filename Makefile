@@ -1,0 +1,34 @@
+# `make test` and `make train` work on a fresh machine: both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BACKENDS := tensorflow jax torch
+PYTEST_ARGS ?=
+
+.PHONY: install test $(addprefix test-,$(BACKENDS)) lint clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first, exactly: it is the CPU build found locally, and any
+# looser spec makes pip fetch a multi-GB CUDA build. The extras' `torch>=2.1`
+# is then already satisfied.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev,jax,torch]"
+	touch $@
+
+# One pytest process per backend: Keras picks its backend once per process.
+test: install
+	@set -e; for b in $(BACKENDS); do $(MAKE) --no-print-directory test-$$b; done
+
+$(addprefix test-,$(BACKENDS)): test-%: install
+	@echo "=== KERAS_BACKEND=$* ==="
+	KERAS_BACKEND=$* $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check keras_convmixer scripts tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

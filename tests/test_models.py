@@ -1,0 +1,239 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_convmixer as kc
+from tests.helpers import randomize_batchnorm, to_numpy
+from tests.numpy_reference import convmixer_forward
+
+# REFERENCE.md: trainable parameters at 224x224, 1000 classes.
+PUBLISHED_PARAMS = {
+    "ConvMixer1536_20": 51_625_960,
+    "ConvMixer768_32": 21_110_248,
+    "ConvMixer1024_20": 24_383_464,
+    "ConvMixer1536_24": 62_275_048,
+    "ConvMixer1024_16": 19_381_224,
+    "ConvMixer512_16": 5_357_544,
+}
+
+
+def closed_form_params(h, d, k, p, n):
+    return (3 * h * p * p + h) + 2 * h + d * ((h * k * k + h) + 2 * h + (h * h + h) + 2 * h) + (h * n + n)
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("builder_name", sorted(PUBLISHED_PARAMS))
+def test_imagenet_variant_param_counts(builder_name):
+    model = getattr(kc, builder_name)(input_shape=(224, 224, 3), classes=1000)
+    assert trainable_count(model) == PUBLISHED_PARAMS[builder_name]
+
+
+@pytest.mark.parametrize(
+    "builder_name, trainable, bn_stats",
+    [("ConvMixer256_8", 594_186, 8_704), ("ConvMixer256_16", 1_409_034, None)],
+)
+def test_cifar_variant_param_counts(builder_name, trainable, bn_stats):
+    model = getattr(kc, builder_name)()
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, 10)
+    assert trainable_count(model) == trainable
+    config = kc.MODEL_CONFIGS[builder_name.lower().replace("convmixer", "convmixer_")]
+    h, d, k, p = (config[key] for key in ("dim", "depth", "kernel_size", "patch_size"))
+    assert trainable == closed_form_params(h, d, k, p, 10)
+    if bn_stats is not None:
+        assert model.count_params() - trainable == bn_stats
+
+
+def test_variant_table_matches_paper():
+    expected = {  # name: (h, d, k, p, act)
+        "convmixer_1536_20": (1536, 20, 9, 7, "gelu"),
+        "convmixer_768_32": (768, 32, 7, 7, "relu"),
+        "convmixer_1024_20": (1024, 20, 9, 14, "gelu"),
+        "convmixer_1536_24": (1536, 24, 9, 14, "gelu"),
+        "convmixer_1024_16": (1024, 16, 9, 7, "gelu"),
+        "convmixer_512_16": (512, 16, 8, 7, "gelu"),
+        "convmixer_256_8": (256, 8, 5, 2, "gelu"),
+        "convmixer_256_16": (256, 16, 9, 1, "gelu"),
+    }
+    assert kc.list_models() == sorted(expected)
+    for name, (h, d, k, p, act) in expected.items():
+        c = kc.MODEL_CONFIGS[name]
+        assert (c["dim"], c["depth"], c["kernel_size"], c["patch_size"], c["activation"]) == (h, d, k, p, act)
+
+
+def _reference_params(model, depth):
+    def arrays(layer):
+        return [np.asarray(w, np.float64) for w in layer.get_weights()]
+
+    stem = model.get_layer("stem")
+    params = {"stem": (*arrays(stem.conv), arrays(stem.bn)), "blocks": []}
+    for i in range(depth):
+        b = model.get_layer(f"block_{i}")
+        params["blocks"].append(
+            (*arrays(b.depthwise), arrays(b.dw_bn), *arrays(b.pointwise), arrays(b.pw_bn))
+        )
+    params["head"] = tuple(arrays(model.get_layer("head")))
+    return params
+
+
+@pytest.mark.parametrize(
+    "make_model, depth, activation, shape, mean, std",
+    [
+        (
+            lambda: kc.ConvMixer256_8(classifier_activation=None),
+            8, "gelu", (2, 32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
+        ),
+        (
+            lambda: kc.ConvMixer(
+                12, 3, kernel_size=7, patch_size=3, activation="relu",
+                input_shape=(None, None, 3), classes=5, classifier_activation=None,
+            ),
+            3, "relu", (3, 15, 21, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        ),
+    ],
+    ids=["ConvMixer256_8", "small-k7-p3-relu"],
+)
+def test_logits_match_independent_numpy_forward(make_model, depth, activation, shape, mean, std):
+    model = make_model()
+    randomize_batchnorm(model, seed=depth)
+    images = np.random.default_rng(4).uniform(0, 255, size=shape).astype("float32")
+    got = to_numpy(model(images, training=False))
+    want = convmixer_forward(
+        images, _reference_params(model, depth), activation=activation, mean=mean, std=std
+    )
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_output_shapes():
+    tiny = dict(dim=16, depth=2, kernel_size=3, patch_size=7, input_shape=(28, 28, 3), classes=7)
+    assert kc.ConvMixer(**tiny).output_shape == (None, 7)
+    assert kc.ConvMixer(**tiny, include_top=False).output_shape == (None, 4, 4, 16)
+    assert kc.ConvMixer(**tiny, include_top=False, pooling="avg").output_shape == (None, 16)
+    assert kc.ConvMixer(**tiny, include_top=False, pooling="max").output_shape == (None, 16)
+
+    x = np.zeros((2, 28, 28, 3), "float32")
+    out = kc.ConvMixer(**tiny, feature_extractor=True)(x)
+    assert sorted(out) == ["block_0", "block_1", "stem"]
+    assert all(tuple(v.shape) == (2, 4, 4, 16) for v in out.values())
+
+
+def test_pooling_max_is_max_of_feature_map():
+    tiny = dict(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(8, 8, 3))
+    fmap_model = kc.ConvMixer(**tiny, include_top=False)
+    pooled_model = kc.ConvMixer(**tiny, include_top=False, pooling="max")
+    pooled_model.set_weights(fmap_model.get_weights())
+    x = np.random.default_rng(6).uniform(0, 255, size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(pooled_model(x)), to_numpy(fmap_model(x)).max(axis=(1, 2)), atol=1e-6
+    )
+
+
+def test_variable_input_size():
+    model = kc.ConvMixer(16, 2, 5, 4, input_shape=(None, None, 3), classes=3)
+    for size in [(16, 16), (24, 40)]:
+        x = np.zeros((1, *size, 3), "float32")
+        assert tuple(model(x).shape) == (1, 3)
+    fmap = kc.ConvMixer(16, 2, 5, 4, input_shape=(None, None, 3), include_top=False)
+    assert tuple(fmap(np.zeros((1, 24, 40, 3), "float32")).shape) == (1, 6, 10, 16)
+
+
+def test_builders_accept_convmixer_kwargs_and_registry():
+    model = kc.get_model("convmixer_256_8", classes=4, dropout=0.1, input_shape=(16, 16, 3))
+    assert model.output_shape == (None, 4)
+    assert model.get_layer("dropout").rate == pytest.approx(0.1)
+    assert kc.get_model("ConvMixer256_8").name == "convmixer_256_8"
+    assert kc.ConvMixer768_32(input_shape=(None, None, 3)).get_layer("block_0").activation == "relu"
+
+
+def test_save_and_load_keras_file(tmp_path):
+    model = kc.ConvMixer(16, 2, 5, 2, input_shape=(8, 8, 3), classes=3, dropout=0.2)
+    randomize_batchnorm(model)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(7).uniform(0, 255, size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(model(x)), atol=1e-6)
+    assert isinstance(loaded.get_layer("block_1"), kc.ConvMixerBlock)
+
+
+def test_weights_argument_loads_file(tmp_path):
+    model = kc.ConvMixer(8, 1, 3, 2, input_shape=(8, 8, 3), classes=2)
+    randomize_batchnorm(model)
+    path = tmp_path / "w.weights.h5"
+    model.save_weights(path)
+    other = kc.ConvMixer(8, 1, 3, 2, input_shape=(8, 8, 3), classes=2, weights=str(path))
+    x = np.random.default_rng(8).uniform(0, 255, size=(1, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(to_numpy(other(x)), to_numpy(model(x)), atol=1e-6)
+
+
+def test_short_fit_decreases_loss():
+    model = kc.ConvMixer(16, 2, 3, 2, input_shape=(8, 8, 3), classes=4, classifier_activation=None)
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0, 255, size=(32, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 4, size=32)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, batch_size=16, epochs=8, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: kc.ConvMixer1536_20(input_shape=(225, 225, 3)), "height 225 is not divisible by the patch size 7"),
+        (lambda: kc.get_model("convmixer_9000"), "Unknown model 'convmixer_9000'. Available: convmixer_1024_16"),
+        (lambda: kc.ConvMixer(8, 1, 3, 2, activation="nope"), "Unknown activation 'nope'"),
+        (lambda: kc.ConvMixer(8, 1, 3, 2, pooling="mean", include_top=False), "pooling must be one of"),
+        (lambda: kc.ConvMixer(8, 1, 3, 2, input_shape=(8, 8)), r"input_shape must be \(height, width, 3\)"),
+    ],
+    ids=["patch", "model-name", "activation", "pooling", "input-shape"],
+)
+def test_bad_input_is_a_clear_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_missing_weights_path_names_it(tmp_path):
+    missing = tmp_path / "nope.weights.h5"
+    with pytest.raises(FileNotFoundError, match=r"nope\.weights\.h5.*does not exist"):
+        kc.ConvMixer256_8(weights=str(missing))
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="keras imports TF itself here")
+def test_import_and_build_without_tensorflow():
+    # Every import finder is wrapped so that TensorFlow is not found at all, as
+    # on a machine without it (find_spec answers None, import raises).
+    code = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def __init__(self, finder): self.finder = finder\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'tensorflow': return None\n"
+        "        return getattr(self.finder, 'find_spec', lambda *a: None)(name, path, target)\n"
+        "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n"
+        "try:\n"
+        "    import tensorflow\n"
+        "    raise SystemExit('tensorflow was not hidden')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "import numpy as np, keras_convmixer as kc\n"
+        "m = kc.ConvMixer256_8()\n"
+        "y = m(np.zeros((1, 32, 32, 3), 'float32'))\n"
+        "assert tuple(y.shape) == (1, 10)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
