@@ -10,6 +10,8 @@ import math
 import keras
 from keras import layers, ops
 
+from keras_convmixer.ops.depthwise import depthwise_conv2d, resolve_impl, validate_impl
+
 # PyTorch's BatchNorm2d defaults, expressed in Keras's momentum convention.
 # Converted checkpoints only reproduce PyTorch's logits with these.
 BN_MOMENTUM = 0.9
@@ -126,6 +128,12 @@ class ConvMixerBlock(layers.Layer):
 
     ``x = x + BN(act(DepthwiseConv(k, "same")(x)))`` then
     ``x = BN(act(Conv2D(1x1)(x)))``; the residual wraps only the depthwise part.
+
+    ``depthwise_impl`` picks how the depthwise convolution runs (see
+    ``keras_convmixer.ops.depthwise``): ``"keras"`` calls the ``depthwise``
+    sublayer, ``"fast"`` runs the Pallas kernel (JAX only) on that sublayer's
+    kernel and bias, ``"auto"`` takes ``"fast"`` only where it was measured
+    faster. Weights and names are the same, so checkpoints are interchangeable.
     """
 
     def __init__(
@@ -135,11 +143,15 @@ class ConvMixerBlock(layers.Layer):
         activation="gelu",
         bn_momentum=BN_MOMENTUM,
         bn_epsilon=BN_EPSILON,
+        depthwise_impl="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.kernel_size = int(kernel_size)
+        # "fast" where it cannot run fails here, not at the first call.
+        resolve_impl(validate_impl(depthwise_impl))
+        self.depthwise_impl = depthwise_impl
         self.activation = _serialize_activation(activation)
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
@@ -173,7 +185,12 @@ class ConvMixerBlock(layers.Layer):
             sublayer.build(input_shape)
 
     def call(self, inputs, training=None):
-        mixed = self.dw_bn(self._act(self.depthwise(inputs)), training=training)
+        if resolve_impl(self.depthwise_impl) == "fast":
+            dw = self.depthwise
+            depthwise_out = depthwise_conv2d(inputs, dw.kernel, dw.bias, impl="fast")
+        else:
+            depthwise_out = self.depthwise(inputs)
+        mixed = self.dw_bn(self._act(depthwise_out), training=training)
         x = inputs + mixed
         return self.pw_bn(self._act(self.pointwise(x)), training=training)
 
@@ -188,5 +205,6 @@ class ConvMixerBlock(layers.Layer):
             activation=self.activation,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
+            depthwise_impl=self.depthwise_impl,
         )
         return config

@@ -57,6 +57,7 @@ def ConvMixer(
     bn_momentum=BN_MOMENTUM,
     bn_epsilon=BN_EPSILON,
     default_size=224,
+    depthwise_impl="auto",
     name="convmixer",
 ):
     """Build a ConvMixer-``dim``/``depth`` as a functional ``keras.Model``.
@@ -70,6 +71,8 @@ def ConvMixer(
     pooled features (``"avg"``/``"max"``). ``feature_extractor=True`` returns
     a dict of the stem's and every block's feature maps.
     ``weights`` is ``None`` or the path of a ``.weights.h5``/``.keras`` file.
+    ``depthwise_impl`` (``"auto"``/``"fast"``/``"keras"``) is passed to every
+    ``ConvMixerBlock``; it changes how the depthwise convolution runs, not the weights.
     """
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
@@ -102,7 +105,7 @@ def ConvMixer(
     x = PatchEmbed(dim, patch_size, name="stem", **common)(x)
     features = {"stem": x}
     for i in range(depth):
-        x = ConvMixerBlock(dim, kernel_size, name=f"block_{i}", **common)(x)
+        x = ConvMixerBlock(dim, kernel_size, depthwise_impl=depthwise_impl, name=f"block_{i}", **common)(x)
         features[f"block_{i}"] = x
 
     if feature_extractor:
