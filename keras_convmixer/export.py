@@ -1,0 +1,325 @@
+"""Export a trained ConvMixer as a SavedModel (with a serving signature), ONNX or .keras.
+
+SavedModel signatures (from the TF or JAX backend):
+
+* ``serve(images)``: uint8 ``[N, H, W, 3]``, any H and W. Applies the run's eval
+  transform (resize the shorter side to ``image_size / crop_pct``, centre crop)
+  and returns ``probabilities [N, C]``, ``top5_classes [N, k]`` (int32) and
+  ``top5_scores [N, k]`` with ``k = min(5, C)``. Also the ``serving_default``.
+* ``serve_features(images)``: same input, returns ``features [N, dim]`` (pooled).
+* ``serve_preprocessed(images)``: float32 ``[N, S, S, 3]`` already transformed
+  pixels in [0, 255]; returns ``logits`` and ``features`` (used by evaluate).
+
+The model part is exported by Keras (jax2tf under JAX); preprocessing and
+top-k are TensorFlow ops wrapped around it, which avoids JAX's top_k
+composite that TF cannot load. Every export writes ``export.json`` (provenance
+and input contract) into its output directory.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+
+import keras
+
+from keras_convmixer.inference import logits_model, open_model
+
+FORMATS = ("savedmodel", "onnx", "keras")
+TOP_K = 5
+# Under JAX the model part is exported for a fixed batch and the signatures
+# loop over chunks of it: with a symbolic batch, the StableHLO that jax2tf
+# writes for erf keeps dynamic shapes that TF 2.21 refuses to compile.
+JAX_EXPORT_BATCH = 8
+
+
+class ExportBackendError(RuntimeError):
+    """The current Keras backend cannot write this format."""
+
+
+def export_model(model_path, fmt, output=None, verbose=False):
+    """Export ``model_path`` (.keras, run dir) to ``output``; returns the output dir.
+
+    ``output`` defaults to ``<run dir or .keras dir>/export/<fmt>``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    bundle = open_model(model_path)
+    if bundle.model is None:
+        raise ValueError(f"{model_path!r} is already an exported SavedModel: export from its run dir or .keras file.")
+    if output is None:
+        base = bundle.source if bundle.kind == "run" else os.path.dirname(bundle.source)
+        output = os.path.join(base, "export", fmt)
+    output = os.path.abspath(os.fspath(output))
+    writer = {"savedmodel": export_saved_model, "onnx": export_onnx, "keras": export_keras}[fmt]
+    outputs = writer(bundle, output, verbose=verbose)
+    write_provenance(bundle, output, fmt, outputs)
+    return output
+
+
+# --------------------------------------------------------------------------- SavedModel
+
+
+def _require_backend(fmt, allowed=("tensorflow", "jax")):
+    backend = keras.backend.backend()
+    if backend not in allowed:
+        raise ExportBackendError(
+            f"{fmt} export does not work from the {backend} backend: rerun with "
+            f"KERAS_BACKEND={allowed[-1]} (or {' / '.join(allowed[:-1]) or allowed[-1]}); "
+            "the .keras file is backend-independent."
+        )
+
+
+def export_saved_model(bundle, output, verbose=False):
+    """Write a SavedModel with the ``serve``, ``serve_features`` and ``serve_preprocessed`` signatures."""
+    _require_backend("SavedModel")
+    with _stablehlo_readable_by_tensorflow():
+        return _write_saved_model(bundle, output, verbose)
+
+
+def _write_saved_model(bundle, output, verbose):
+    import tensorflow as tf
+
+    from keras_convmixer.data import eval_transform
+
+    model = bundle.model
+    size, crop_pct, interpolation = bundle.image_size, bundle.crop_pct, bundle.interpolation
+    k = min(TOP_K, bundle.num_classes)
+    core = logits_model(model)
+
+    def model_outputs(images):
+        logits, features = core(images, training=False)
+        return {"logits": logits, "features": features}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    if keras.backend.backend() == "tensorflow":
+        model_fn = archive.add_endpoint(
+            "serve_preprocessed",
+            model_outputs,
+            input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
+        )
+    else:
+        fixed_fn = archive.add_endpoint(
+            "serve_fixed_batch",
+            model_outputs,
+            input_signature=[keras.InputSpec(shape=(JAX_EXPORT_BATCH, size, size, 3), dtype="float32")],
+        )
+        model_fn = _batch_any_size(tf, fixed_fn, JAX_EXPORT_BATCH, size, bundle.num_classes, _feature_dim(core))
+        archive.add_endpoint("serve_preprocessed", model_fn)
+
+    # Rank unknown on purpose: a loaded signature does not check shapes and TF folds a
+    # rank check away when the rank is declared, so the checks below run on the real input.
+    image_spec = tf.TensorSpec(shape=None, dtype=tf.uint8, name="images")
+    crop_spec = tf.TensorSpec(shape=(size, size, 3), dtype=tf.float32)
+
+    def transform(images):
+        return tf.map_fn(
+            lambda image: eval_transform(image, size, crop_pct, interpolation), images, fn_output_signature=crop_spec
+        )
+
+    def check(images):
+        rank_ok = tf.debugging.assert_equal(
+            tf.rank(images), 4, message="images must be a uint8 batch of rank 4: [N, H, W, 3]"
+        )
+        with tf.control_dependencies([rank_ok]):
+            channels_ok = tf.debugging.assert_equal(
+                tf.shape(images)[-1], 3, message="images must have 3 (RGB) channels: uint8 [N, H, W, 3]"
+            )
+        with tf.control_dependencies([channels_ok]):
+            return tf.ensure_shape(tf.identity(images), [None, None, None, 3])
+
+    @tf.function(input_signature=[image_spec])
+    def serve(images):
+        logits = model_fn(transform(check(images)))["logits"]
+        probabilities = tf.nn.softmax(logits, axis=-1)
+        scores, classes = tf.math.top_k(probabilities, k=k)
+        return {"probabilities": probabilities, "top5_classes": classes, "top5_scores": scores}
+
+    @tf.function(input_signature=[image_spec])
+    def serve_features(images):
+        return {"features": model_fn(transform(check(images)))["features"]}
+
+    archive.add_endpoint("serve", serve)
+    archive.add_endpoint("serve_features", serve_features)
+    archive.add_endpoint("serving_default", serve)
+    archive.write_out(output, verbose=verbose)
+    return {
+        "serve": {"images": "uint8 [N, H, W, 3]", "returns": ["probabilities", "top5_classes", "top5_scores"]},
+        "serve_features": {"images": "uint8 [N, H, W, 3]", "returns": ["features"]},
+        "serve_preprocessed": {
+            "images": f"float32 [N, {size}, {size}, 3] in [0, 255], eval-transformed",
+            "returns": ["logits", "features"],
+        },
+    }
+
+
+def _feature_dim(core):
+    return int(core.outputs[1].shape[-1])
+
+
+def _batch_any_size(tf, fixed_fn, batch, size, num_classes, feature_dim):
+    """A tf.function over any batch size that runs ``fixed_fn`` on zero-padded chunks of ``batch``."""
+
+    @tf.function(input_signature=[tf.TensorSpec(shape=(None, size, size, 3), dtype=tf.float32, name="images")])
+    def run(images):
+        n = tf.shape(images)[0]
+        padded = (n + batch - 1) // batch * batch
+        chunks = tf.reshape(tf.pad(images, [[0, padded - n], [0, 0], [0, 0], [0, 0]]), [-1, batch, size, size, 3])
+        out = tf.map_fn(
+            fixed_fn,
+            chunks,
+            fn_output_signature={
+                "logits": tf.TensorSpec([batch, num_classes], tf.float32),
+                "features": tf.TensorSpec([batch, feature_dim], tf.float32),
+            },
+        )
+        return {
+            "logits": tf.reshape(out["logits"], [-1, num_classes])[:n],
+            "features": tf.reshape(out["features"], [-1, feature_dim])[:n],
+        }
+
+    return run
+
+
+@contextlib.contextmanager
+def _stablehlo_readable_by_tensorflow():
+    """Under JAX, serialize StableHLO that the installed TensorFlow can read.
+
+    jax2tf embeds the model as a StableHLO artifact targeted at consumers at
+    most 4 weeks older than JAX (JAX 0.10.2: StableHLO 1.15, where ``erf`` in
+    our exact GELU becomes a ``composite``). TF 2.21 reads 1.13.7, so the
+    export loads but fails when called. Targeting JAX's 12-week window
+    (1.13.7 for JAX 0.10.2) fixes it. Private JAX API: skipped if absent.
+    """
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    try:
+        from jax._src.export import _export
+
+        hlo = _export.hlo
+        original = hlo.get_version_from_compatibility_requirement
+        older = hlo.StablehloCompatibilityRequirement.WEEK_12
+    except (ImportError, AttributeError):
+        yield
+        return
+    hlo.get_version_from_compatibility_requirement = lambda requirement: original(older)
+    try:
+        yield
+    finally:
+        hlo.get_version_from_compatibility_requirement = original
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(bundle, output, verbose=False):
+    """``model.onnx``: float32 ``[N, S, S, 3]`` eval-transformed pixels -> ``probabilities``."""
+    _require_backend("ONNX", allowed=("tensorflow", "torch", "jax"))
+    backend = keras.backend.backend()
+    needed = {"tensorflow": "tf2onnx", "jax": "jax2onnx", "torch": "onnxscript"}[backend]
+    for package in ("onnx", needed):
+        try:
+            __import__(package)
+        except ImportError:
+            raise ExportBackendError(
+                f"ONNX export from the {backend} backend needs {package}: pip install 'keras-convmixer[onnx]'."
+            ) from None
+    size = bundle.image_size
+    serving = _onnx_serving_model(bundle.model)
+    os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, "model.onnx")
+    serving.export(
+        path,
+        format="onnx",
+        input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
+        verbose=verbose,
+    )
+    return {"model.onnx": {"input": f"float32 [N, {size}, {size}, 3] in [0, 255], eval-transformed",
+                           "returns": ["probabilities"]}}
+
+
+def _onnx_serving_model(model):
+    """``images -> probabilities`` with the input normalisation as plain constants.
+
+    tf2onnx turns the Normalization layer's mean/variance (captured tensors)
+    into extra graph inputs that onnxruntime then demands; the same arithmetic
+    on NumPy constants is folded into the graph.
+    """
+    import numpy as np
+
+    outputs = model.outputs[0]
+    inputs = keras.Input(shape=model.input_shape[1:], name="images")
+    if any(layer.name == "normalize" for layer in model.layers):
+        normalize = model.get_layer("normalize")
+        mean = np.asarray(keras.ops.convert_to_numpy(normalize.mean), "float32")
+        scale = np.maximum(np.sqrt(np.asarray(keras.ops.convert_to_numpy(normalize.variance))), keras.config.epsilon())
+        body = keras.Model(normalize.output, outputs)
+        x = keras.ops.divide(keras.ops.subtract(inputs, mean), scale.astype("float32"))
+    else:
+        body = keras.Model(model.inputs, outputs)
+        x = inputs
+    x = body(x)
+    probabilities = x if _head_is_softmax(model) else keras.layers.Softmax(name="probabilities")(x)
+    return keras.Model(inputs, probabilities, name="convmixer_probabilities")
+
+
+def _head_is_softmax(model):
+    activation = getattr(model.get_layer("head"), "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+# --------------------------------------------------------------------------- .keras
+
+
+def export_keras(bundle, output, verbose=False):
+    """``model.keras`` (as trained: raw [0, 255] pixels in, logits out) for Keras users."""
+    os.makedirs(output, exist_ok=True)
+    bundle.model.save(os.path.join(output, "model.keras"))
+    return {"model.keras": {"input": f"float32 [N, {bundle.image_size}, {bundle.image_size}, 3] in [0, 255]",
+                            "returns": ["model output (logits for training runs)"]}}
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def write_provenance(bundle, output, fmt, outputs):
+    """``export.json``: what was exported, from where, and how to feed it."""
+    import importlib.metadata
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    config = bundle.config
+    meta = {
+        "format": fmt,
+        "model": config.get("model"),
+        "model_kwargs": config.get("model_kwargs"),
+        "num_classes": bundle.num_classes,
+        "class_names": bundle.class_names,
+        "input": {
+            "image_size": bundle.image_size,
+            "crop_pct": bundle.crop_pct,
+            "interpolation": bundle.interpolation,
+            "pixels": "RGB in [0, 255]; mean/std normalisation is inside the model",
+        },
+        "outputs": outputs,
+        "source": bundle.source,
+        "run_config": config,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "exported_with": {
+            "backend": keras.backend.backend(),
+            "keras": keras.__version__,
+            "tensorflow": version("tensorflow"),
+            "jax": version("jax") if keras.backend.backend() == "jax" else None,
+            "keras_convmixer": version("keras-convmixer"),
+        },
+    }
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "export.json"), "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    return meta

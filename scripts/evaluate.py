@@ -1,0 +1,60 @@
+"""Top-1 / top-5 accuracy and loss of a model on a data split, as a JSON report.
+
+MODEL is a run dir, a .keras file or an exported SavedModel. The data source,
+val_split and seed default to the run's config (so --split val is the run's
+own validation split).
+
+    python scripts/evaluate.py runs/digits --split val --report runs/digits/eval.json
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="run dir, .keras file or exported SavedModel dir")
+    parser.add_argument("--data", help="digits | folder:<path> | tfds:<name> (default: the run's)")
+    parser.add_argument("--split", choices=("val", "train"), default="val")
+    parser.add_argument("--val-split", type=float, help="validation fraction (default: the run's)")
+    parser.add_argument("--val-source", help="separate validation folder / TFDS split name")
+    parser.add_argument("--seed", type=int, help="split seed (default: the run's)")
+    parser.add_argument("--data-dir", help="TFDS data dir")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--report", help="write the JSON report here too")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    from keras_convmixer.inference import evaluate
+
+    try:
+        report = evaluate(
+            args.model, args.data, split=args.split, val_split=args.val_split, val_source=args.val_source,
+            seed=args.seed, batch_size=args.batch_size, data_dir=args.data_dir,
+        )
+        text = json.dumps(report, indent=2)
+        if args.report:
+            with open(args.report, "w") as f:
+                f.write(text + "\n")
+    except (ValueError, OSError, ImportError) as err:
+        parser.exit(2, f"{parser.prog}: error: {_one_line(err)}\n")
+    print(text)
+    return 0
+
+
+def _one_line(err):
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Top-5 class names and scores for image files or folders, as JSON.
+
+MODEL is a run dir, a .keras file or an exported SavedModel; class names come
+from the run's config.json (or the export's export.json).
+
+    python scripts/predict.py runs/digits photo.png more_photos/
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="run dir, .keras file or exported SavedModel dir")
+    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--output", help="write the JSON here too")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    from keras_convmixer.inference import predict
+
+    try:
+        results = predict(args.model, args.images, top_k=args.top_k)
+        text = json.dumps(results, indent=2)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+    except (ValueError, OSError, ImportError) as err:
+        parser.exit(2, f"{parser.prog}: error: {_one_line(err)}\n")
+    print(text)
+    return 0
+
+
+def _one_line(err):
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""SavedModel / ONNX / .keras export: load and call every export, compare with Keras."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_convmixer import export
+from keras_convmixer.data import eval_transform
+from tests.shipping import keras_outputs, make_run_dir
+
+BACKEND = keras.backend.backend()
+SAVEDMODEL_BACKENDS = ("tensorflow", "jax")
+needs_savedmodel_backend = pytest.mark.skipif(
+    BACKEND not in SAVEDMODEL_BACKENDS, reason=f"SavedModel export runs from TF/JAX, not {BACKEND}"
+)
+SIZE, CROP = 16, 0.875
+
+
+def _uint8_images(n, h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _preprocessed(images):
+    return np.stack([np.asarray(eval_transform(im, SIZE, CROP, "bilinear")) for im in images])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    path, model = make_run_dir(tmp_path_factory.mktemp("export") / "run", image_size=SIZE, crop_pct=CROP)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def saved_model(run):
+    if BACKEND not in SAVEDMODEL_BACKENDS:
+        pytest.skip(f"SavedModel export runs from TF/JAX, not {BACKEND}")
+    import tensorflow as tf
+
+    path = export.export_model(run[0], "savedmodel")
+    return path, tf.saved_model.load(path)
+
+
+@needs_savedmodel_backend
+@pytest.mark.parametrize("n, h, w", [(2, 20, 30), (3, 37, 16)])
+def test_serve_matches_keras_on_preprocessed_images(saved_model, run, n, h, w):
+    import tensorflow as tf
+
+    images = _uint8_images(n, h, w, seed=h)
+    out = {k: v.numpy() for k, v in saved_model[1].signatures["serve"](images=tf.constant(images)).items()}
+    probabilities, _ = keras_outputs(run[1], _preprocessed(images))
+    np.testing.assert_allclose(out["probabilities"], probabilities, atol=1e-4)
+    order = np.argsort(-probabilities, axis=-1)[:, :5]
+    np.testing.assert_array_equal(out["top5_classes"], order)
+    np.testing.assert_allclose(out["top5_scores"], np.take_along_axis(probabilities, order, -1), atol=1e-4)
+    assert out["top5_classes"].dtype == np.int32
+
+
+@needs_savedmodel_backend
+def test_serve_features_and_any_batch_size(saved_model, run):
+    import tensorflow as tf
+
+    images = _uint8_images(11, 24, 24, seed=5)  # not a multiple of the JAX export's fixed chunk
+    features = saved_model[1].signatures["serve_features"](images=tf.constant(images))["features"].numpy()
+    probabilities, expected = keras_outputs(run[1], _preprocessed(images))
+    assert features.shape == (11, 8)
+    np.testing.assert_allclose(features, expected, atol=1e-4)
+    pre = saved_model[1].signatures["serve_preprocessed"](images=tf.constant(_preprocessed(images)))
+    np.testing.assert_allclose(tf.nn.softmax(pre["logits"]).numpy(), probabilities, atol=1e-4)
+
+
+@needs_savedmodel_backend
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((1, 16, 16, 3), "float32"), "uint8"),
+        (np.zeros((16, 16, 3), "uint8"), "rank 4|not compatible with expected shape"),
+        (np.zeros((1, 16, 16, 1), "uint8"), "3 \\(RGB\\) channels"),
+    ],
+)
+def test_serve_refuses_bad_input(saved_model, bad, message):
+    import tensorflow as tf
+
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError), match=message):
+        saved_model[1].signatures["serve"](images=tf.constant(bad))
+
+
+@needs_savedmodel_backend
+def test_signatures_visible_to_saved_model_cli_and_provenance(saved_model, run):
+    assert {"serve", "serve_features", "serve_preprocessed", "serving_default"} <= set(saved_model[1].signatures)
+    if BACKEND == "tensorflow":  # one subprocess (~10 s) is enough: signature_defs are the same on both backends
+        cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+        shown = subprocess.run([cli, "show", "--dir", saved_model[0], "--all"], capture_output=True, text=True)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        for name in ("signature_def['serve']", "signature_def['serve_features']", "top5_classes", "DT_UINT8"):
+            assert name in shown.stdout
+    meta = json.loads(open(os.path.join(saved_model[0], "export.json")).read())
+    assert meta["class_names"] == ["a", "b", "c", "d", "e", "f"]
+    assert meta["input"] == {
+        "image_size": SIZE,
+        "crop_pct": CROP,
+        "interpolation": "bilinear",
+        "pixels": meta["input"]["pixels"],
+    }
+    assert meta["source"] == str(run[0])
+    assert meta["exported_with"]["keras"] == keras.__version__
+    assert meta["exported_with"]["backend"] == BACKEND
+    assert meta["exported_with"]["tensorflow"]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="only the torch backend refuses SavedModel export")
+def test_torch_backend_names_the_backend_to_use(run, tmp_path):
+    with pytest.raises(export.ExportBackendError, match="KERAS_BACKEND=jax"):
+        export.export_model(run[0], "savedmodel", output=tmp_path / "sm")
+
+
+def test_onnx_matches_keras(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    out = export.export_model(run[0], "onnx", output=tmp_path / "onnx")
+    session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"))
+    name = session.get_inputs()[0].name
+    for n in (1, 4):  # the batch dimension is dynamic
+        x = _preprocessed(_uint8_images(n, 19, 23, seed=n))
+        got = session.run(None, {name: x})[0]
+        np.testing.assert_allclose(got, keras_outputs(run[1], x)[0], atol=1e-4)
+    assert json.loads(open(os.path.join(out, "export.json")).read())["format"] == "onnx"
+
+
+def test_keras_format_round_trip(run, tmp_path):
+    out = export.export_model(run[0], "keras", output=tmp_path / "k")
+    reloaded = keras.saving.load_model(os.path.join(out, "model.keras"))
+    x = _preprocessed(_uint8_images(2, 16, 16, seed=9))
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), run[1].predict(x, verbose=0), atol=1e-5)
+
+
+def test_bad_format_and_paths(run, tmp_path):
+    with pytest.raises(ValueError, match="Unknown format"):
+        export.export_model(run[0], "tflite")
+    with pytest.raises(FileNotFoundError):
+        export.export_model(tmp_path / "missing", "keras")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a run dir"):
+        export.export_model(tmp_path / "empty", "keras")
