@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev,jax,torch]"
+	$(PY) -m pip install -e ".[dev,jax,torch,onnx]"
 	touch $@
 
 # One pytest process per backend: Keras picks its backend once per process.
