@@ -1,0 +1,79 @@
+"""Learning-rate schedules evaluated per optimizer step, and a callback that logs the lr.
+
+``OneCycle`` is the paper's triangular schedule. It is a ``LearningRateSchedule`` written
+with ``keras.ops`` so it runs inside the compiled train step on every backend and is saved
+with the optimizer (a callback could only change the lr once per epoch).
+"""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_convmixer")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """``lr(t) = interp(t, [0, floor(2T/5), floor(4T/5), T], [0, peak, peak/20, 0])``.
+
+    ``t`` is in fractional epochs, ``(step + 1) / steps_per_epoch``, and ``T`` is
+    ``total_steps / steps_per_epoch`` epochs; the floors are taken in epochs, as in the
+    official CIFAR script. With the default ``steps_per_epoch=1`` everything is in steps.
+    """
+
+    def __init__(self, peak_lr, total_steps, steps_per_epoch=1, name="one_cycle"):
+        if total_steps <= 0 or steps_per_epoch <= 0:
+            raise ValueError(f"OneCycle needs total_steps > 0 and steps_per_epoch > 0, got {total_steps}, "
+                             f"{steps_per_epoch}.")
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.name = name
+        epochs = self.total_steps / self.steps_per_epoch
+        self.knots = (0.0, float(int(2 * epochs / 5)), float(int(4 * epochs / 5)), epochs)
+
+    def __call__(self, step):
+        t = (ops.cast(step, "float32") + 1.0) / self.steps_per_epoch
+        x0, x1, x2, x3 = self.knots
+        y1, y2 = self.peak_lr, self.peak_lr / 20.0
+
+        def ramp(t0, t1, v0, v1):
+            # Repeated knots (very short runs) make a segment empty; where() below never selects it.
+            return v0 + (v1 - v0) * (t - t0) / max(t1 - t0, 1e-12)
+
+        lr = ops.where(t < x1, ramp(x0, x1, 0.0, y1), ramp(x1, x2, y1, y2))
+        lr = ops.where(t < x2, lr, ramp(x2, x3, y2, 0.0))
+        return ops.where(t < x3, lr, ops.zeros_like(lr))
+
+    def get_config(self):
+        return dict(peak_lr=self.peak_lr, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                    name=self.name)
+
+
+def cosine_with_warmup(peak_lr, total_steps, warmup_steps=0, final_fraction=0.0):
+    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine decay to
+    ``final_fraction * peak_lr`` at ``total_steps``. Keras core's ``CosineDecay`` does it."""
+    warmup_steps = int(min(max(warmup_steps, 0), total_steps - 1))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else peak_lr,
+        decay_steps=max(int(total_steps) - warmup_steps, 1),
+        alpha=final_fraction,
+        warmup_target=peak_lr if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def current_learning_rate(optimizer):
+    """The lr the optimizer's next step will use, as a Python float."""
+    lr = optimizer.learning_rate  # evaluates a schedule at optimizer.iterations
+    return float(ops.convert_to_numpy(lr))
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts ``lr`` into the batch and epoch logs, so the progress bar, CSVLogger and
+    TensorBoard show it. Put it before those callbacks: they read the same logs dict."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is not None:
+            logs["lr"] = current_learning_rate(self.model.optimizer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lr"] = current_learning_rate(self.model.optimizer)
