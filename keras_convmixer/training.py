@@ -1,0 +1,545 @@
+"""Training: recipes, config resolution, strategies, compile, callbacks and ``model.fit``.
+
+``resolve_config(recipe, overrides)`` gives one flat dict; ``train(config)`` writes the run
+directory (config.json, history.csv, best.keras/last.keras, TensorBoard logs, a
+BackupAndRestore dir, curves.png, metrics.json) and returns the final metrics.
+TensorFlow is imported only for tf.data sources and TF strategies.
+"""
+
+import contextlib
+import csv
+import datetime
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_convmixer import augment as aug
+from keras_convmixer import data
+from keras_convmixer.models import MODEL_CONFIGS, ConvMixer, canonical_name, get_model
+from keras_convmixer.schedules import LearningRateLogger, OneCycle, cosine_with_warmup
+
+_BASE = dict(
+    data="digits", val_split=0.1, val_source=None, data_dir=None, download=False, in_memory=False,
+    seed=0, dropout=0.0, mean=None, std=None,
+    crop_pct=1.0, interpolation="bilinear", train_interpolation="bilinear",
+    schedule="onecycle", warmup_epochs=0, epsilon=1e-8, clip_norm=None, wd_exclude_bias_bn=True,
+    crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
+    randaug_n=0, randaug_m=0.0, randaug_mstd=0.0, randaug_scale="timm", randaug_factor=None,
+    color_jitter=0.0, reprob=0.0,
+    mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.0,
+    augment_impl="keras", augment_on="host", precision="auto", strategy="auto", logical_cpus=None,
+    coordinator=None, num_processes=1, process_id=0,
+    output_dir=None, steps_per_epoch=None, val_steps=None, verbose="auto",
+    dim=None, depth=None, kernel_size=None, patch_size=None, activation="gelu",
+)
+
+# Values from REFERENCE.md (the paper's timm command; the official CIFAR script).
+RECIPES = {
+    "imagenet": dict(
+        model="convmixer_1536_20", data="tfds:imagenet2012", image_size=224, epochs=150, batch_size=640,
+        lr=0.01, epsilon=1e-3, weight_decay=2e-5, wd_exclude_bias_bn=True, clip_norm=1.0, schedule="onecycle",
+        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), train_interpolation="random", hflip=0.5,
+        randaug_n=2, randaug_m=9, randaug_mstd=0.5, randaug_scale="timm", color_jitter=0.0, reprob=0.25,
+        mixup_alpha=0.5, cutmix_alpha=0.5, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1,
+        crop_pct=0.96, interpolation="bicubic", precision="auto",
+    ),
+    "cifar10": dict(
+        # torch AdamW's default eps (the script sets none); weight decay on all parameters.
+        model="convmixer_256_8", data="tfds:cifar10", image_size=32, epochs=25, batch_size=512,
+        lr=0.05, epsilon=1e-8, weight_decay=0.005, wd_exclude_bias_bn=False, clip_norm=None, schedule="onecycle",
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.5,
+        randaug_n=2, randaug_m=12, randaug_mstd=0.0, randaug_scale="torchvision", color_jitter=0.0, reprob=0.0,
+        mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, crop_pct=1.0, interpolation="bilinear",
+        precision="auto",
+    ),
+    # Small ConvMixer on sklearn digits: a few minutes on a 2-core CPU, well above 90% val top-1.
+    "demo": dict(
+        model="custom", dim=96, depth=4, kernel_size=3, patch_size=4, data="digits", image_size=16,
+        epochs=10, batch_size=64, lr=0.01, epsilon=1e-3, weight_decay=0.005, wd_exclude_bias_bn=True,
+        clip_norm=1.0, schedule="onecycle", crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.0,
+        label_smoothing=0.1, precision="float32",
+    ),
+}
+
+_ARCHITECTURE = ("dim", "depth", "kernel_size", "patch_size", "activation")
+STRATEGIES = ("auto", "none", "mirrored", "multiworker", "tpu", "data-parallel")
+_STRATEGY_BACKEND = {"mirrored": "tensorflow", "multiworker": "tensorflow", "tpu": "tensorflow",
+                     "data-parallel": "jax"}
+_PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def resolve_config(recipe="demo", overrides=None):
+    """Recipe values, then ``overrides`` (None values are ignored), checked; JSON-able."""
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown recipe {recipe!r}. Available: {', '.join(RECIPES)}.")
+    cfg = {**_BASE, **RECIPES[recipe], "recipe": recipe}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in given.items():
+        if key not in cfg:
+            raise ValueError(f"Unknown config key {key!r}.")
+        cfg[key] = value
+    if cfg["model"] != "custom":
+        cfg["model"] = canonical_name(cfg["model"])  # one-line ValueError naming the choices
+        architecture = [k for k in _ARCHITECTURE if k in given]
+        if architecture:
+            raise ValueError(f"--{architecture[0].replace('_', '-')} sets the architecture of --model custom, "
+                             f"not of the named model {cfg['model']}.")
+        for key in _ARCHITECTURE:
+            cfg[key] = MODEL_CONFIGS[cfg["model"]][key]
+    _check(cfg)
+    cfg["crop_scale"], cfg["crop_ratio"] = list(cfg["crop_scale"]), list(cfg["crop_ratio"])
+    if cfg["randaug_factor"] is None:
+        cfg["randaug_factor"] = aug.randaugment_factor(cfg["randaug_m"], cfg["randaug_scale"])
+    cfg["model_kwargs"] = _model_kwargs(cfg)
+    if cfg["output_dir"] is None:
+        cfg["output_dir"] = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def _check(cfg):
+    if cfg["model"] == "custom" and None in (cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"]):
+        raise ValueError("--model custom needs --dim, --depth, --kernel-size and --patch-size.")
+    size, patch = int(cfg["image_size"]), int(cfg["patch_size"])
+    if size <= 0 or size % patch:
+        raise ValueError(f"--image-size {size} is not divisible by the patch size {patch}: use a multiple of "
+                         f"{patch} (e.g. {max(size - size % patch, patch)}).")
+    for key in ("epochs", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}.")
+    if cfg["strategy"] not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {cfg['strategy']!r}. Available: {', '.join(STRATEGIES)}.")
+    backend = keras.backend.backend()
+    need = _STRATEGY_BACKEND.get(cfg["strategy"])
+    if need and need != backend:
+        raise ValueError(f"--strategy {cfg['strategy']} needs KERAS_BACKEND={need} (this run uses {backend}).")
+    if cfg["precision"] not in _PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {cfg['precision']!r}.")
+    if cfg["augment_on"] not in ("host", "device"):
+        raise ValueError(f"--augment-on must be 'host' or 'device', got {cfg['augment_on']!r}.")
+    if cfg["augment_impl"] not in ("keras", "keras_cv"):
+        raise ValueError(f"--augment-impl must be 'keras' or 'keras_cv', got {cfg['augment_impl']!r}.")
+    if cfg["augment_impl"] == "keras_cv" and cfg["augment_on"] != "host":
+        raise ValueError("--augment-impl keras_cv runs only in the tf.data map: use --augment-on host.")
+    if cfg["in_memory"] and cfg["augment_on"] != "device":
+        raise ValueError("--in-memory feeds arrays without tf.data: it needs --augment-on device.")
+    if int(cfg["num_processes"]) > 1 and not cfg["in_memory"]:
+        raise ValueError("--num-processes > 1 (JAX multi-process) feeds per-process array shards: add --in-memory "
+                         "--augment-on device.")
+    if cfg["schedule"] not in ("onecycle", "cosine"):
+        raise ValueError(f"--schedule must be 'onecycle' or 'cosine', got {cfg['schedule']!r}.")
+    kind, arg = data.parse_source(cfg["data"])
+    if kind == "folder" and not os.path.isdir(os.path.expanduser(arg)):
+        raise FileNotFoundError(f"Data folder {arg!r} does not exist.")
+
+
+def _model_kwargs(cfg):
+    kwargs = dict(input_shape=[cfg["image_size"], cfg["image_size"], 3], classifier_activation=None,
+                  dropout=float(cfg["dropout"]))
+    if cfg["mean"] is not None:
+        kwargs.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
+    if cfg["model"] == "custom":
+        kwargs.update(dim=int(cfg["dim"]), depth=int(cfg["depth"]), kernel_size=int(cfg["kernel_size"]),
+                      patch_size=int(cfg["patch_size"]), activation=cfg["activation"])
+    return kwargs
+
+
+def build_model(cfg):
+    """The classifier (logits out, raw [0, 255] pixels in) described by ``cfg``."""
+    kwargs = dict(cfg["model_kwargs"], classes=cfg["num_classes"])
+    if cfg["model"] == "custom":
+        return ConvMixer(**kwargs, name="convmixer")
+    return get_model(cfg["model"], **kwargs)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def _has_accelerator():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform != "cpu"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return False
+
+
+def _tf_logical_cpus(n):
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * int(n))
+
+
+def make_strategy(cfg):
+    """Return ``(scope, name, num_replicas)`` for ``cfg["strategy"]``. JAX data parallelism is set
+    globally with ``keras.distribution`` and its scope is a no-op."""
+    name, backend = cfg["strategy"], keras.backend.backend()
+    if name == "auto":
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
+        elif backend == "jax":
+            import jax
+
+            name = "data-parallel" if len(jax.devices()) > 1 or cfg["num_processes"] > 1 else "none"
+        else:
+            name = "none"
+    if name == "none":
+        return contextlib.nullcontext(), name, 1
+    if name == "data-parallel":
+        distribution = keras.distribution.DataParallel()
+        if cfg["num_processes"] > 1:
+            # Each process feeds its own shard of the arrays (see _fit_arrays).
+            distribution.auto_shard_dataset = False
+        keras.distribution.set_distribution(distribution)
+        import jax
+
+        return contextlib.nullcontext(), name, len(jax.devices())
+    import tensorflow as tf
+
+    if name == "mirrored":
+        if cfg["logical_cpus"]:
+            _tf_logical_cpus(cfg["logical_cpus"])
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif name == "multiworker":
+        # Keras 3 fit under MultiWorkerMirroredStrategy fails in keras/src/backend/tensorflow/trainer.py
+        # (keras-team/keras#20585, open since TF 2.16). We do not patch private Keras code.
+        raise ValueError("--strategy multiworker: Keras 3 fit is broken under MultiWorkerMirroredStrategy "
+                         "upstream (keras-team/keras#20585); use KERAS_BACKEND=jax --strategy data-parallel "
+                         "with --num-processes/--process-id/--coordinator for multi-machine training.")
+    else:  # tpu
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as err:
+            raise ValueError(f"--strategy tpu: no TPU found ({str(err).splitlines()[0]}).") from None
+        strategy = tf.distribute.TPUStrategy(resolver)
+    return strategy.scope(), name, strategy.num_replicas_in_sync
+
+
+# ----------------------------------------------------------------------------- device augmentation model
+
+
+class AugmentedClassifier(keras.Model):
+    """Wraps the classifier for ``augment_on="device"``: inputs ``{"images", "labels"}``.
+
+    Training: ``DeviceAugment`` then MixUp/CutMix, then the classifier. The soft targets the mix
+    makes travel as a model output and replace ``y`` in ``compute_loss``/``compute_metrics``, so
+    the stock train step of every backend runs it (and threads the layers' seed state).
+    """
+
+    def __init__(self, classifier, augment, mix, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.classifier = classifier
+        self.augment = augment
+        self.mix = mix
+        self.num_classes = num_classes
+
+    def call(self, inputs, training=False):
+        images, labels = inputs["images"], inputs["labels"]
+        if training:
+            images = self.augment(images, training=True)
+            images, targets = self.mix(images, labels)
+        else:
+            images = self.augment(images, training=False)
+            targets = ops.one_hot(labels, self.num_classes)
+        return {"logits": self.classifier(images, training=training), "targets": targets}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return super().compute_loss(x=x, y=y_pred["targets"], y_pred=y_pred["logits"],
+                                    sample_weight=sample_weight, training=training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return super().compute_metrics(x, y_pred["targets"], y_pred["logits"], sample_weight)
+
+
+def _allow_jit(layer):
+    # Keras's geometric layers and RandAugment declare supports_jit=False, which makes the whole
+    # train step run without jit on JAX (~3.5x slower); they do trace under jax.jit.
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        sub.supports_jit = True
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _prepare_data(cfg, num_replicas_note=None):
+    """Return ``(train, val, fit_kwargs, source_info)`` for the host/device and tf.data/in-memory paths."""
+    batch = int(cfg["batch_size"])
+    if cfg["in_memory"]:
+        mem = data.load_in_memory(cfg["data"], image_size=cfg["image_size"], val_split=cfg["val_split"],
+                                  seed=cfg["seed"], val_source=cfg["val_source"])
+        x, y = mem.x_train, mem.y_train
+        if cfg["num_processes"] > 1:  # each process feeds its own shard, batch_size per process
+            x, y = x[cfg["process_id"]::cfg["num_processes"]], y[cfg["process_id"]::cfg["num_processes"]]
+            batch //= cfg["num_processes"]
+        if cfg["steps_per_epoch"]:
+            x, y = x[: cfg["steps_per_epoch"] * batch], y[: cfg["steps_per_epoch"] * batch]
+        xv, yv = mem.x_val, mem.y_val
+        if cfg["val_steps"]:
+            xv, yv = xv[: cfg["val_steps"] * batch], yv[: cfg["val_steps"] * batch]
+        train = ({"images": x, "labels": y}, y)
+        val = ({"images": xv, "labels": yv}, yv) if len(yv) else None
+        info = dict(class_names=mem.class_names, num_train=len(y), num_val=len(yv), skipped=mem.skipped,
+                    steps_per_epoch=math.ceil(len(y) / batch))
+        return train, val, dict(batch_size=batch, shuffle=True), info
+
+    import tensorflow as tf
+
+    src = data.load_source(cfg["data"], val_split=cfg["val_split"], val_source=cfg["val_source"],
+                           seed=cfg["seed"], data_dir=cfg["data_dir"], download=cfg["download"])
+    n = src.num_classes
+    common = dict(image_size=cfg["image_size"], batch_size=batch, seed=cfg["seed"], crop_pct=cfg["crop_pct"],
+                  interpolation=cfg["interpolation"])
+    image_map = aug.host_image_map(cfg)
+    if cfg["augment_on"] == "host":
+        train = data.make_dataset(src.train, training=True, image_map=image_map,
+                                  batch_map=aug.host_batch_map(cfg, n), **common)
+    else:
+        train = data.make_dataset(src.train, training=True, image_map=image_map, **common)
+        train = train.map(lambda x, y: ({"images": x, "labels": y}, y))
+    steps = src.num_train // batch
+    if cfg["steps_per_epoch"]:
+        steps = min(steps, int(cfg["steps_per_epoch"]))
+        train = train.take(steps)
+    val = None
+    if src.val is not None:
+        val = data.make_dataset(src.val, training=False, **common)
+        if cfg["augment_on"] == "host":
+            val = val.map(lambda x, y: (x, tf.one_hot(y, n)))
+        else:
+            val = val.map(lambda x, y: ({"images": x, "labels": y}, y))
+        if cfg["val_steps"]:
+            val = val.take(int(cfg["val_steps"]))
+    info = dict(class_names=src.class_names, num_train=steps * batch, num_val=src.num_val, skipped=src.skipped,
+                steps_per_epoch=steps)
+    return train, val, dict(shuffle=False), info  # tf.data shuffles itself
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class ThroughputLogger(keras.callbacks.Callback):
+    """Adds ``images_per_sec`` (training steps only) and ``epoch_time_s`` to the epoch logs."""
+
+    def __init__(self, images_per_step):
+        super().__init__()
+        self.images_per_step = images_per_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self._steps, self._train_end = 0, self._start
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["images_per_sec"] = self._steps * self.images_per_step / max(self._train_end - self._start, 1e-9)
+            logs["epoch_time_s"] = time.perf_counter() - self._start
+
+
+class ClassifierCheckpoint(keras.callbacks.Callback):
+    """Saves the bare classifier (not a training wrapper) as ``last.keras`` every epoch and
+    ``best.keras`` when ``monitor`` improves; the best value survives a resume in ``best.json``."""
+
+    def __init__(self, classifier, run_dir, monitor="val_top1"):
+        super().__init__()
+        self.classifier, self.run_dir, self.monitor = classifier, run_dir, monitor
+        self._state_path = os.path.join(run_dir, "best.json")
+
+    def _best(self):
+        if os.path.exists(self._state_path):
+            with open(self._state_path) as f:
+                return json.load(f)["value"]
+        return -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.classifier.save(os.path.join(self.run_dir, "last.keras"))
+        value = logs.get(self.monitor, logs.get("top1"))
+        if value is not None and float(value) > self._best():
+            self.classifier.save(os.path.join(self.run_dir, "best.keras"))
+            with open(self._state_path, "w") as f:
+                json.dump({"monitor": self.monitor, "value": float(value), "epoch": epoch + 1}, f)
+
+
+def _tensorboard(run_dir):
+    try:  # the TensorBoard callback writes with tf.summary, which needs the tensorboard package
+        import tensorboard  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError:
+        print("TensorBoard logs skipped: TensorFlow/tensorboard is not installed.")
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "tensorboard"))]
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+
+def read_history(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(history_rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def column(key):
+        return [float(r[key]) for r in history_rows if r.get(key) not in (None, "")]
+
+    epochs = [int(r["epoch"]) + 1 for r in history_rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("loss", ("loss", "val_loss")), ("top-1 accuracy", ("top1", "val_top1")), ("learning rate", ("lr",)))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            values = column(key)
+            if values:
+                ax.plot(epochs[: len(values)], values, marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _set_precision(cfg):
+    policy = cfg["precision"]
+    if policy == "auto":
+        policy = "mixed_bfloat16" if _has_accelerator() else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def _init_distributed(cfg):
+    if cfg["strategy"] in ("data-parallel", "auto") and cfg["num_processes"] > 1:
+        if keras.backend.backend() != "jax":
+            raise ValueError("--num-processes > 1 needs KERAS_BACKEND=jax --strategy data-parallel.")
+        keras.distribution.initialize(job_addresses=cfg["coordinator"], num_processes=cfg["num_processes"],
+                                      process_id=cfg["process_id"])
+
+
+def train(config):
+    """Train per ``config`` (from ``resolve_config``); returns the metrics written to metrics.json."""
+    cfg = dict(config)
+    t_start = time.perf_counter()
+    _init_distributed(cfg)  # before any JAX computation
+    keras.utils.set_random_seed(int(cfg["seed"]))
+    run_dir = cfg["output_dir"]
+    os.makedirs(run_dir, exist_ok=True)
+    scope, strategy_name, replicas = make_strategy(cfg)
+    train_data, val_data, fit_kwargs, info = _prepare_data(cfg)
+    if info["num_train"] == 0 or info["steps_per_epoch"] == 0:
+        raise ValueError(f"{cfg['data']}: fewer training images than one batch of {cfg['batch_size']}.")
+    cfg.update(num_classes=len(info["class_names"]), class_names=list(info["class_names"]))
+    cfg.update(strategy_used=strategy_name, backend=keras.backend.backend())
+    steps = info["steps_per_epoch"]
+    total_steps = steps * int(cfg["epochs"])
+
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        with scope:
+            device = cfg["augment_on"] == "device"
+            if device:  # augmentation layers stay float32 whatever the policy
+                augment = aug.DeviceAugment(cfg, crop=bool(cfg["in_memory"]), name="device_augment")
+                mix = aug.make_batch_mix(cfg, cfg["num_classes"], host=False)
+            cfg["precision_used"] = _set_precision(cfg)
+            classifier = build_model(cfg)
+            model = AugmentedClassifier(classifier, augment, mix, cfg["num_classes"]) if device else classifier
+            if device:  # BackupAndRestore needs a built model; a subclassed one builds on its first call
+                size = cfg["image_size"]
+                model({"images": np.zeros((1, size, size, 3), "float32"), "labels": np.zeros((1,), "int32")})
+            if device and keras.backend.backend() == "jax":
+                _allow_jit(augment)
+                _allow_jit(mix)
+            lr = float(cfg["lr"])
+            if cfg["schedule"] == "onecycle":
+                schedule = OneCycle(lr, total_steps, steps_per_epoch=steps)
+            else:
+                schedule = cosine_with_warmup(lr, total_steps, int(cfg["warmup_epochs"] * steps))
+            optimizer = keras.optimizers.AdamW(
+                learning_rate=schedule, weight_decay=float(cfg["weight_decay"]), epsilon=float(cfg["epsilon"]),
+                global_clipnorm=cfg["clip_norm"] or None)
+            if cfg["wd_exclude_bias_bn"]:
+                # Matches Keras variable names: every bias, and BN's gamma/beta (timm: all 1-D params).
+                optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+            model.compile(
+                optimizer=optimizer,
+                loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
+                         keras.metrics.TopKCategoricalAccuracy(k=min(5, cfg["num_classes"]), name="top5")],
+            )
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, default=str)
+
+        history_path = os.path.join(run_dir, "history.csv")
+        callbacks = [
+            LearningRateLogger(),
+            ThroughputLogger(int(cfg["batch_size"])),
+            keras.callbacks.TerminateOnNaN(),
+            # Before CSVLogger: once an epoch's CSV row exists its backup does too.
+            keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"), delete_checkpoint=False),
+            ClassifierCheckpoint(classifier, run_dir, "val_top1" if val_data is not None else "top1"),
+            keras.callbacks.CSVLogger(history_path, append=True),
+            *_tensorboard(run_dir),
+        ]
+        verbose = cfg["verbose"]
+        print(f"Training {cfg['model']} on {cfg['data']}: {info['num_train']} train / {info['num_val']} val "
+              f"images, {len(info['class_names'])} classes, {cfg['epochs']} epochs x {steps} steps, "
+              f"batch {cfg['batch_size']}, strategy {strategy_name} ({replicas} replicas), "
+              f"{cfg['precision_used']}, augment on {cfg['augment_on']}; run dir {run_dir}"
+              + (f"; skipped {info['skipped']} unreadable files" if info["skipped"] else ""))
+        model.fit(train_data[0] if isinstance(train_data, tuple) else train_data,
+                  train_data[1] if isinstance(train_data, tuple) else None,
+                  validation_data=val_data, epochs=int(cfg["epochs"]), callbacks=callbacks,
+                  verbose=verbose, **fit_kwargs)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    rows = read_history(history_path)
+    plot_curves(rows, os.path.join(run_dir, "curves.png"))
+    last = rows[-1] if rows else {}
+
+    def num(row, key):
+        return float(row[key]) if row.get(key) not in (None, "") else None
+
+    ips = [num(r, "images_per_sec") for r in rows if num(r, "images_per_sec") is not None]
+    metrics = dict(
+        val_top1=num(last, "val_top1"), val_top5=num(last, "val_top5"),
+        best_val_top1=max((num(r, "val_top1") for r in rows if num(r, "val_top1") is not None), default=None),
+        train_top1=num(last, "top1"), epochs=len(rows),
+        wall_time_s=round(time.perf_counter() - t_start, 2),
+        train_time_s=round(sum(num(r, "epoch_time_s") or 0.0 for r in rows), 2),
+        images_per_sec=round(float(np.mean(ips)), 1) if ips else None,
+        params=int(classifier.count_params()),
+        backend=keras.backend.backend(), strategy=strategy_name, run_dir=run_dir,
+    )
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    top1 = "n/a" if metrics["val_top1"] is None else f"{metrics['val_top1']:.2%}"
+    top5 = "n/a" if metrics["val_top5"] is None else f"{metrics['val_top5']:.2%}"
+    print(f"Done: {metrics['epochs']} epochs, val top-1 {top1}, top-5 {top5}, {metrics['wall_time_s']:.0f} s, "
+          f"{metrics['images_per_sec'] or 0:.0f} img/s, {metrics['params']:,} params -> {run_dir}")
+    return metrics
