@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BACKENDS := tensorflow jax torch
 PYTEST_ARGS ?=
 
-.PHONY: install test $(addprefix test-,$(BACKENDS)) lint clean
+.PHONY: install test $(addprefix test-,$(BACKENDS)) train bench lint clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,17 @@ test: install
 $(addprefix test-,$(BACKENDS)): test-%: install
 	@echo "=== KERAS_BACKEND=$* ==="
 	KERAS_BACKEND=$* $(PY) -m pytest $(PYTEST_ARGS)
+
+# The demo recipe on the embedded digits data: offline, about a minute on a 2-core CPU.
+# It prints the run directory. Extra flags: make train TRAIN_ARGS="--epochs 3".
+TRAIN_ARGS ?=
+train: install
+	$(PY) scripts/train.py --recipe demo $(TRAIN_ARGS)
+
+# Depthwise-conv and model throughput, keras vs fast side by side (meant for a GPU).
+BENCH_ARGS ?=
+bench: install
+	KERAS_BACKEND=jax $(PY) scripts/benchmark.py $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m ruff check keras_convmixer scripts tests
