@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from keras_convmixer import data
+from tests.helpers import HIDE_TENSORFLOW
 
 tf = pytest.importorskip("tensorflow")
 
@@ -347,20 +348,7 @@ def test_in_memory_digits():
 
 def test_load_in_memory_without_tensorflow(folder, tmp_path):
     root, _ = folder
-    # Every import finder is wrapped so that TensorFlow cannot be found, as on a JAX-only machine.
-    code = (
-        "import sys\n"
-        "class Hide:\n"
-        "    def __init__(self, finder): self.finder = finder\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'tensorflow': return None\n"
-        "        return getattr(self.finder, 'find_spec', lambda *a: None)(name, path, target)\n"
-        "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n"
-        "try:\n"
-        "    import tensorflow\n"
-        "    raise SystemExit('tensorflow was not hidden')\n"
-        "except ImportError:\n"
-        "    pass\n"
+    code = HIDE_TENSORFLOW + (
         "from keras_convmixer import data\n"
         f"m = data.load_in_memory('folder:{root}', image_size=8, val_split=0.2, cache_dir={str(tmp_path / 'c')!r})\n"
         "d = data.load_in_memory('digits', image_size=16)\n"

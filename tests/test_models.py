@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_convmixer as kc
-from tests.helpers import randomize_batchnorm, to_numpy
+from tests.helpers import HIDE_TENSORFLOW, randomize_batchnorm, to_numpy
 from tests.numpy_reference import convmixer_forward
 
 # REFERENCE.md: trainable parameters at 224x224, 1000 classes.
@@ -212,21 +212,7 @@ def test_missing_weights_path_names_it(tmp_path):
 
 @pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="keras imports TF itself here")
 def test_import_and_build_without_tensorflow():
-    # Every import finder is wrapped so that TensorFlow is not found at all, as
-    # on a machine without it (find_spec answers None, import raises).
-    code = (
-        "import sys\n"
-        "class Hide:\n"
-        "    def __init__(self, finder): self.finder = finder\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'tensorflow': return None\n"
-        "        return getattr(self.finder, 'find_spec', lambda *a: None)(name, path, target)\n"
-        "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n"
-        "try:\n"
-        "    import tensorflow\n"
-        "    raise SystemExit('tensorflow was not hidden')\n"
-        "except ImportError:\n"
-        "    pass\n"
+    code = HIDE_TENSORFLOW + (
         "import numpy as np, keras_convmixer as kc\n"
         "m = kc.ConvMixer256_8()\n"
         "y = m(np.zeros((1, 32, 32, 3), 'float32'))\n"

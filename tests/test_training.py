@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from keras_convmixer import training
-from tests.helpers import to_numpy
+from tests.helpers import HIDE_TENSORFLOW, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
@@ -101,20 +101,8 @@ def test_device_augmentation_trains_from_tf_data(tmp_path):
     assert metrics["epochs"] == 1 and metrics["val_top1"] is not None
 
 
-# Make TensorFlow look uninstalled: every import finder answers "not found" for it, so `import
-# tensorflow` raises ModuleNotFoundError and importlib's find_spec returns None. Then run scripts/train.py.
-NO_TF = """
-import sys
-class Hide:
-    def __init__(self, finder):
-        self.finder = finder
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            return None
-        return self.finder.find_spec(name, path, target)
-    def __getattr__(self, attr):
-        return getattr(self.finder, attr)
-sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+# Run scripts/train.py with TensorFlow made unimportable (see HIDE_TENSORFLOW).
+NO_TF = HIDE_TENSORFLOW + """
 import runpy
 sys.argv = ["train.py"] + sys.argv[1:]
 try:
