@@ -30,6 +30,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     from keras_convmixer import convert
+    from keras_convmixer.cli import USER_ERRORS, fail
 
     try:
         class_names = None
@@ -40,17 +41,12 @@ def main(argv=None):
             args.checkpoint, args.output, variant=args.variant, activation=args.activation,
             image_size=args.image_size, class_names=class_names,
         )
-    except (ValueError, OSError, ImportError) as err:
-        parser.exit(2, f"{parser.prog}: error: {_one_line(err)}\n")
+    except USER_ERRORS as err:
+        fail(parser, err)
     kwargs = config["model_kwargs"]
     print(f"{config['model']}: dim {kwargs['dim']}, depth {kwargs['depth']}, kernel {kwargs['kernel_size']}, "
           f"patch {kwargs['patch_size']}, {kwargs['activation']}, {kwargs['classes']} classes -> {args.output}")
     return 0
-
-
-def _one_line(err):
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

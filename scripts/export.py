@@ -23,18 +23,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     from keras_convmixer import export
+    from keras_convmixer.cli import USER_ERRORS, fail
 
     try:
         output = export.export_model(args.model, args.fmt, output=args.output, verbose=args.verbose)
-    except (ValueError, OSError, ImportError, export.ExportBackendError) as err:
-        parser.exit(2, f"{parser.prog}: error: {_one_line(err)}\n")
+    except (*USER_ERRORS, export.ExportBackendError) as err:
+        fail(parser, err)
     print(output)
     return 0
-
-
-def _one_line(err):
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

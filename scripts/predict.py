@@ -26,6 +26,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    from keras_convmixer.cli import USER_ERRORS, fail
+
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
     from keras_convmixer.inference import predict
@@ -36,15 +38,10 @@ def main(argv=None):
         if args.output:
             with open(args.output, "w") as f:
                 f.write(text + "\n")
-    except (ValueError, OSError, ImportError) as err:
-        parser.exit(2, f"{parser.prog}: error: {_one_line(err)}\n")
+    except USER_ERRORS as err:
+        fail(parser, err)
     print(text)
     return 0
-
-
-def _one_line(err):
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":
