@@ -224,6 +224,26 @@ class MixupCutmix(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_convmixer")
+class SignedRandAugment(keras.layers.RandAugment):
+    """Keras ``RandAugment`` whose signed ops move both ways, as timm's do.
+
+    Keras hands its ``(0, factor)`` range to every sub-layer unchanged, so rotation, shear,
+    translation and brightness only ever go one way (e.g. always clockwise) and contrast only
+    ever increases. timm draws the sign at random; these ranges restore that.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        f = self.factor[1]
+        self.random_rotation.factor = (-f, f)
+        self.random_shear.x_factor = self.random_shear.y_factor = (-f, f)
+        t = self.random_translation
+        t.height_lower, t.height_upper, t.width_lower, t.width_upper = -f, f, -f, f
+        self.random_brightness.factor = (-f, f)
+        self.random_contrast.factor = (f, f)  # Keras: contrast in [1 - factor[0], 1 + factor[1]]
+
+
 def _core_image_layers(cfg, seed):
     """flip, RandAugment, colour jitter, erasing: Keras core layers, value range [0, 255]."""
     layers = []
@@ -232,7 +252,7 @@ def _core_image_layers(cfg, seed):
             raise ValueError(f"Keras RandomFlip flips with probability 0.5; hflip={cfg['hflip']} is not supported.")
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
     if cfg["randaug_n"] > 0:
-        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=cfg["randaug_n"],
+        layers.append(SignedRandAugment(value_range=(0, 255), num_ops=cfg["randaug_n"],
                                                factor=cfg["randaug_factor"], seed=seed))
     elif cfg["color_jitter"] > 0:  # timm: no colour jitter when RandAugment is on
         j = cfg["color_jitter"]
