@@ -67,12 +67,9 @@ def current_learning_rate(optimizer):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Puts ``lr`` into the batch and epoch logs, so the progress bar, CSVLogger and
-    TensorBoard show it. Put it before those callbacks: they read the same logs dict."""
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs is not None:
-            logs["lr"] = current_learning_rate(self.model.optimizer)
+    """Puts ``lr`` into the epoch logs, so the progress bar, CSVLogger and TensorBoard show it.
+    Put it before those callbacks: they read the same logs dict. Epoch-level only: a per-batch
+    read would evaluate the schedule and sync with the device after every step."""
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -288,7 +288,10 @@ def _prepare_data(cfg, num_replicas_note=None):
                                   seed=cfg["seed"], val_source=cfg["val_source"])
         x, y = mem.x_train, mem.y_train
         if cfg["num_processes"] > 1:  # each process feeds its own shard, batch_size per process
-            x, y = x[cfg["process_id"]::cfg["num_processes"]], y[cfg["process_id"]::cfg["num_processes"]]
+            # Equal shard lengths, so every process runs the same steps with the same batch shapes.
+            per_process = len(y) // cfg["num_processes"]
+            shard = slice(cfg["process_id"], per_process * cfg["num_processes"], cfg["num_processes"])
+            x, y = x[shard], y[shard]
             batch //= cfg["num_processes"]
         if cfg["steps_per_epoch"]:
             x, y = x[: cfg["steps_per_epoch"] * batch], y[: cfg["steps_per_epoch"] * batch]
@@ -301,7 +304,13 @@ def _prepare_data(cfg, num_replicas_note=None):
                     steps_per_epoch=math.ceil(len(y) / batch))
         return train, val, dict(batch_size=batch, shuffle=True), info
 
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ImportError(
+            "The tf.data input path needs TensorFlow, which is not installed: "
+            "train with --in-memory --augment-on device instead."
+        ) from None
 
     src = data.load_source(cfg["data"], val_split=cfg["val_split"], val_source=cfg["val_source"],
                            seed=cfg["seed"], data_dir=cfg["data_dir"], download=cfg["download"])
@@ -344,17 +353,19 @@ class ThroughputLogger(keras.callbacks.Callback):
         self.images_per_step = images_per_step
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-        self._steps, self._train_end = 0, self._start
+        self._start, self._train_end = time.perf_counter(), None
 
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        self._train_end = time.perf_counter()
+    def on_test_begin(self, logs=None):
+        # Validation starts once the epoch's training steps are done; no per-batch hook needed.
+        if self._train_end is None:
+            self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
         if logs is not None:
-            logs["images_per_sec"] = self._steps * self.images_per_step / max(self._train_end - self._start, 1e-9)
-            logs["epoch_time_s"] = time.perf_counter() - self._start
+            train_time = (self._train_end or now) - self._start
+            logs["images_per_sec"] = self.params["steps"] * self.images_per_step / max(train_time, 1e-9)
+            logs["epoch_time_s"] = now - self._start
 
 
 class ClassifierCheckpoint(keras.callbacks.Callback):
@@ -441,6 +452,30 @@ def _init_distributed(cfg):
                                       process_id=cfg["process_id"])
 
 
+# Settings that may change between a run and its resumption.
+_RESUME_MAY_CHANGE = ("output_dir", "verbose")
+
+
+def _check_resumable(run_dir, cfg):
+    """Resuming continues the backup in ``run_dir``: refuse if it was started with other settings."""
+    path = os.path.join(run_dir, "config.json")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"--output-dir {run_dir!r} is a file, not a directory.")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(cfg, default=str))
+    changed = sorted(k for k in current if k not in _RESUME_MAY_CHANGE and k in saved and saved[k] != current[k])
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"{run_dir} holds a run started with other settings ({k}: {saved[k]!r} there, {current[k]!r} now"
+            f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}): re-run its command to resume, "
+            "or pass a new --output-dir."
+        )
+
+
 def train(config):
     """Train per ``config`` (from ``resolve_config``); returns the metrics written to metrics.json."""
     cfg = dict(config)
@@ -448,6 +483,7 @@ def train(config):
     _init_distributed(cfg)  # before any JAX computation
     keras.utils.set_random_seed(int(cfg["seed"]))
     run_dir = cfg["output_dir"]
+    _check_resumable(run_dir, cfg)
     os.makedirs(run_dir, exist_ok=True)
     scope, strategy_name, replicas = make_strategy(cfg)
     train_data, val_data, fit_kwargs, info = _prepare_data(cfg)

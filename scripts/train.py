@@ -100,10 +100,12 @@ def main(argv=None):
         config = training.resolve_config(recipe, args)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    from keras_convmixer.cli import USER_ERRORS, fail
+
     try:
         training.train(config)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except USER_ERRORS as err:
+        fail(parser, err)
 
 
 if __name__ == "__main__":

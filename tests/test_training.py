@@ -202,3 +202,18 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_run_dir_started_with_other_settings_is_refused(tmp_path, capsys):
+    from scripts.train import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = training.resolve_config("demo", {"output_dir": str(run), "epochs": 4})
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output-dir", str(run), "--epochs", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "other settings (epochs: 4 there, 2 now)" in err[-1]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 4  # nothing overwritten
