@@ -292,6 +292,9 @@ def convert_checkpoint(path, output_dir, *, variant=None, activation=None, image
     ``config.json`` in the run-directory format so that export, evaluate and
     predict accept ``output_dir`` directly. Returns the config dict.
     """
+    if os.path.exists(os.path.join(output_dir, "config.json")):
+        # It may be a training run: its best.keras would be paired with the converted config.
+        raise ValueError(f"{output_dir} already holds a config.json (a run or a conversion): choose a new --output.")
     model, arch = build_from_checkpoint(path, variant=variant, activation=activation, image_size=image_size)
     if class_names is None:
         class_names = [f"class_{i}" for i in range(arch["classes"])]

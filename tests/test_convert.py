@@ -223,3 +223,12 @@ def test_real_timm_models_convert_exactly(name):
     result = _compare_script().compare_one(name, batch_size=1, image_size=224)
     assert result["detected"]["activation"] == ("relu" if name == "convmixer_768_32" else "gelu")
     assert result["max_abs_diff"] < 1e-3, result
+
+
+def test_conversion_refuses_a_directory_with_a_config(converted, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": "a training run"}')
+    with pytest.raises(ValueError, match="already holds a config.json"):
+        convert.convert_checkpoint(converted["ckpt"], run)
+    assert (run / "config.json").read_text() == '{"model": "a training run"}'
