@@ -483,6 +483,10 @@ def train(config):
     _init_distributed(cfg)  # before any JAX computation
     keras.utils.set_random_seed(int(cfg["seed"]))
     run_dir = cfg["output_dir"]
+    if cfg["process_id"]:
+        # Every process trains the same replicated model; on a shared filesystem they would
+        # overwrite each other's backup and checkpoints. Process 0 owns the run dir itself.
+        run_dir = os.path.join(run_dir, f"process_{cfg['process_id']}")
     _check_resumable(run_dir, cfg)
     os.makedirs(run_dir, exist_ok=True)
     scope, strategy_name, replicas = make_strategy(cfg)

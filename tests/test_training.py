@@ -145,7 +145,7 @@ def test_jax_two_processes_data_parallel(tmp_path):
     port = _free_port()
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     procs = [
-        subprocess.Popen([sys.executable, "scripts/train.py", "--output-dir", str(tmp_path / f"p{i}"),
+        subprocess.Popen([sys.executable, "scripts/train.py", "--output-dir", str(tmp_path / "run"),
                           "--strategy", "data-parallel", "--num-processes", "2", "--process-id", str(i),
                           "--coordinator", f"127.0.0.1:{port}", "--in-memory", "--augment-on", "device",
                           "--epochs", "1", "--steps-per-epoch", "5", "--val-steps", "2", *TINY_FLAGS],
@@ -157,7 +157,10 @@ def test_jax_two_processes_data_parallel(tmp_path):
         assert p.returncode == 0, out[-3000:]
         assert "strategy data-parallel (2 replicas)" in out
     # One data-parallel model: both processes end with identical weights.
-    w0, w1 = (keras.saving.load_model(tmp_path / f"p{i}" / "last.keras").get_weights() for i in range(2))
+    # Both share one --output-dir (as on a shared filesystem); process 1 keeps its files apart.
+    run = tmp_path / "run"
+    w0, w1 = (keras.saving.load_model(path).get_weights() for path in (run / "last.keras",
+                                                                        run / "process_1" / "last.keras"))
     for a, b in zip(w0, w1, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
