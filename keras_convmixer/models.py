@@ -5,6 +5,7 @@ The named variants are rows of ``MODEL_CONFIGS``; each public builder
 """
 
 import os
+import re
 
 import keras
 from keras import layers
@@ -126,8 +127,32 @@ def ConvMixer(
         inputs = keras.utils.get_source_inputs(input_tensor)
     model = keras.Model(inputs, outputs, name=name)
     if weights is not None:
-        model.load_weights(weights)
+        _load_weights(model, weights)
     return model
+
+
+# Keras names the variable and both shapes inside a long multi-line message (the file's shape
+# is backend-formatted, e.g. torch.Size([8])).
+_SHAPE_MISMATCH = re.compile(
+    r"variable\.shape=(\([^)]*\)), Received: value\.shape=(.+?)\. Target variable: <Variable path=([^,]+)"
+)
+
+
+def _load_weights(model, path):
+    try:
+        model.load_weights(path)
+    except ValueError as err:
+        found = _SHAPE_MISMATCH.search(str(err))
+        detail = (
+            f"{found[3]} has shape {found[1]} in this model but "
+            f"{tuple(int(d) for d in re.findall(r'[0-9]+', found[2]))} in the file"
+            if found
+            else str(err).strip().splitlines()[0]
+        )
+        raise ValueError(
+            f"Weights file {os.fspath(path)!r} does not fit {model.name}: {detail}. "
+            "Is it from another variant or class count?"
+        ) from None
 
 
 def _make_builder(key, public_name):

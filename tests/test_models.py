@@ -204,6 +204,14 @@ def test_bad_input_is_a_clear_value_error(call, match):
         call()
 
 
+def test_mismatched_weights_name_the_tensor(tmp_path):
+    path = tmp_path / "w8.weights.h5"
+    kc.ConvMixer(8, 1, 3, 2, input_shape=(8, 8, 3), classes=2).save_weights(path)
+    with pytest.raises(ValueError, match=r"w8\.weights\.h5.*does not fit convmixer: \S+/\S+ has shape \(16,?.*\) "
+                       r"in this model but \(8,?.*\) in the file"):
+        kc.ConvMixer(16, 1, 3, 2, input_shape=(8, 8, 3), classes=2, weights=str(path))
+
+
 def test_missing_weights_path_names_it(tmp_path):
     missing = tmp_path / "nope.weights.h5"
     with pytest.raises(FileNotFoundError, match=r"nope\.weights\.h5.*does not exist"):
