@@ -5,6 +5,7 @@ backend only keras and that backend are needed. Modules that need TF
 (tf.data pipelines, SavedModel export) import it when called.
 """
 
+from keras_convmixer.initializers import TorchKernelUniform, TorchUniform
 from keras_convmixer.layers import ConvMixerBlock, PatchEmbed, gelu_erf
 from keras_convmixer.models import (
     MODEL_CONFIGS,
@@ -36,6 +37,8 @@ __all__ = [
     "ConvMixer1536_24",
     "ConvMixerBlock",
     "PatchEmbed",
+    "TorchKernelUniform",
+    "TorchUniform",
     "gelu_erf",
     "get_model",
     "list_models",

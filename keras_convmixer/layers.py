@@ -10,6 +10,11 @@ import math
 import keras
 from keras import layers, ops
 
+from keras_convmixer.initializers import (
+    conv_initializers,
+    depthwise_initializers,
+    validate_initializer,
+)
 from keras_convmixer.ops.depthwise import depthwise_conv2d, resolve_impl, validate_impl
 
 # PyTorch's BatchNorm2d defaults, expressed in Keras's momentum convention.
@@ -61,7 +66,13 @@ def _spatial_size_error(name, size, patch_size):
 
 @keras.saving.register_keras_serializable(package="keras_convmixer")
 class PatchEmbed(layers.Layer):
-    """Patch embedding: ``Conv2D(dim, p, stride p) -> activation -> BN``."""
+    """Patch embedding: ``Conv2D(dim, p, stride p) -> activation -> BN``.
+
+    ``initializer="torch"`` (default) draws the conv's kernel and bias as
+    PyTorch's ``nn.Conv2d`` does, U(+-1/sqrt(in_channels * p * p)), which the
+    published results were trained from; ``"keras"`` keeps Keras's
+    ``glorot_uniform``/``zeros``. BatchNorm starts at gamma=1, beta=0 either way.
+    """
 
     def __init__(
         self,
@@ -70,11 +81,13 @@ class PatchEmbed(layers.Layer):
         activation="gelu",
         bn_momentum=BN_MOMENTUM,
         bn_epsilon=BN_EPSILON,
+        initializer="torch",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.patch_size = int(patch_size)
+        self.initializer = validate_initializer(initializer)
         self.activation = _serialize_activation(activation)
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
@@ -86,6 +99,8 @@ class PatchEmbed(layers.Layer):
             data_format="channels_last",
             dtype=self.dtype_policy,
             name="conv",
+            # The bias's fan_in counts input channels: RGB until build() sees the input.
+            **conv_initializers(self.initializer, fan_in=3 * self.patch_size**2),
         )
         self.bn = layers.BatchNormalization(
             momentum=bn_momentum, epsilon=bn_epsilon, dtype=self.dtype_policy, name="bn"
@@ -96,6 +111,9 @@ class PatchEmbed(layers.Layer):
             size = input_shape[axis]
             if size is not None and size % self.patch_size:
                 raise _spatial_size_error(name, size, self.patch_size)
+        if self.initializer == "torch" and input_shape[-1] is not None:
+            fan_in = int(input_shape[-1]) * self.patch_size**2
+            self.conv.bias_initializer = conv_initializers("torch", fan_in)["bias_initializer"]
         self.conv.build(input_shape)
         self.bn.build(self.compute_output_shape(input_shape))
 
@@ -118,6 +136,7 @@ class PatchEmbed(layers.Layer):
             activation=self.activation,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
+            initializer=self.initializer,
         )
         return config
 
@@ -134,6 +153,11 @@ class ConvMixerBlock(layers.Layer):
     sublayer, ``"fast"`` runs the Pallas kernel (JAX only) on that sublayer's
     kernel and bias, ``"auto"`` takes ``"fast"`` only where it was measured
     faster. Weights and names are the same, so checkpoints are interchangeable.
+
+    ``initializer="torch"`` (default) draws both convs' kernels and biases as
+    PyTorch's ``nn.Conv2d`` does, U(+-1/sqrt(fan_in)) with fan_in = k * k for
+    the depthwise conv (``groups=dim``) and ``dim`` for the pointwise one;
+    ``"keras"`` keeps Keras's ``glorot_uniform``/``zeros``.
     """
 
     def __init__(
@@ -144,11 +168,13 @@ class ConvMixerBlock(layers.Layer):
         bn_momentum=BN_MOMENTUM,
         bn_epsilon=BN_EPSILON,
         depthwise_impl="auto",
+        initializer="torch",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.kernel_size = int(kernel_size)
+        self.initializer = validate_initializer(initializer)
         # "fast" where it cannot run fails here, not at the first call.
         resolve_impl(validate_impl(depthwise_impl))
         self.depthwise_impl = depthwise_impl
@@ -163,12 +189,18 @@ class ConvMixerBlock(layers.Layer):
             data_format="channels_last",
             dtype=policy,
             name="depthwise",
+            **depthwise_initializers(self.initializer, self.kernel_size),
         )
         self.dw_bn = layers.BatchNormalization(
             momentum=bn_momentum, epsilon=bn_epsilon, dtype=policy, name="dw_bn"
         )
         self.pointwise = layers.Conv2D(
-            self.dim, 1, data_format="channels_last", dtype=policy, name="pointwise"
+            self.dim,
+            1,
+            data_format="channels_last",
+            dtype=policy,
+            name="pointwise",
+            **conv_initializers(self.initializer, fan_in=self.dim),
         )
         self.pw_bn = layers.BatchNormalization(
             momentum=bn_momentum, epsilon=bn_epsilon, dtype=policy, name="pw_bn"
@@ -206,5 +238,6 @@ class ConvMixerBlock(layers.Layer):
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
             depthwise_impl=self.depthwise_impl,
+            initializer=self.initializer,
         )
         return config
