@@ -10,6 +10,7 @@ import re
 import keras
 from keras import layers
 
+from keras_convmixer.initializers import dense_initializers, validate_initializer
 from keras_convmixer.layers import BN_EPSILON, BN_MOMENTUM, ConvMixerBlock, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,6 +60,7 @@ def ConvMixer(
     bn_epsilon=BN_EPSILON,
     default_size=224,
     depthwise_impl="auto",
+    initializer="torch",
     name="convmixer",
 ):
     """Build a ConvMixer-``dim``/``depth`` as a functional ``keras.Model``.
@@ -74,7 +76,12 @@ def ConvMixer(
     ``weights`` is ``None`` or the path of a ``.weights.h5``/``.keras`` file.
     ``depthwise_impl`` (``"auto"``/``"fast"``/``"keras"``) is passed to every
     ``ConvMixerBlock``; it changes how the depthwise convolution runs, not the weights.
+    ``initializer="torch"`` (default) starts every conv and the head as PyTorch's
+    ``nn.Conv2d``/``nn.Linear`` do, U(+-1/sqrt(fan_in)) for kernels and biases, which
+    the published results were trained from; ``"keras"`` keeps Keras's
+    ``glorot_uniform`` kernels and zero biases. BatchNorm starts at gamma=1, beta=0.
     """
+    validate_initializer(initializer)
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
@@ -102,7 +109,7 @@ def ConvMixer(
             variance=[(255.0 * s) ** 2 for s in std],
             name="normalize",
         )(x)
-    common = dict(activation=activation, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+    common = dict(activation=activation, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, initializer=initializer)
     x = PatchEmbed(dim, patch_size, name="stem", **common)(x)
     features = {"stem": x}
     for i in range(depth):
@@ -115,7 +122,13 @@ def ConvMixer(
         x = layers.GlobalAveragePooling2D(name="pool")(x)
         if dropout:
             x = layers.Dropout(dropout, name="dropout")(x)
-        outputs = layers.Dense(classes, activation=classifier_activation, name="head")(x)
+        # Under a mixed policy the head computes in float32, as Keras's mixed-precision guide says:
+        # the loss and metrics then get float32 logits (TF's in_top_k rejects bf16/fp16 ones).
+        head_dtype = "float32" if keras.mixed_precision.global_policy().name.startswith("mixed") else None
+        outputs = layers.Dense(
+            classes, activation=classifier_activation, name="head", dtype=head_dtype,
+            **dense_initializers(initializer, dim),
+        )(x)
     elif pooling == "avg":
         outputs = layers.GlobalAveragePooling2D(name="pool")(x)
     elif pooling == "max":
