@@ -111,21 +111,74 @@ def tf_random_resized_crop(image, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
+
+
+def _triangle(t):
+    t = ops.abs(t)
+    return ops.maximum(1.0 - t, 0.0)
+
+
+def _keys_cubic(t, a=-0.5):
+    # The cubic of tf.image.resize's bicubic (and PIL's): Keys' kernel with a = -0.5.
+    t = ops.abs(t)
+    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
+    far = ((a * t - 5.0 * a) * t + 8.0 * a) * t - 4.0 * a
+    return ops.where(t <= 1.0, near, ops.where(t < 2.0, far, 0.0))
+
+
+def _axis_weights(start, length, in_size, out_size, bicubic):
+    """``(N, out_size, in_size)`` resampling weights of a crop ``[start, start + length)`` per image.
+
+    The same separable filter as ``tf.image.resize(crop, antialias=True)`` (TF's ScaleAndTranslate):
+    half-pixel centres, the kernel stretched by the shrink factor (antialiasing), taps restricted
+    to the crop and each row normalised. ``bicubic`` (N,) bool picks the kernel per image.
+    """
+    scale = length / out_size
+    centre = start[:, None] + (ops.arange(out_size, dtype="float32")[None, :] + 0.5) * scale[:, None] - 0.5
+    source = ops.arange(in_size, dtype="float32")[None, None, :]
+    t = (source - centre[:, :, None]) / ops.maximum(scale, 1.0)[:, None, None]
+    weights = ops.where(bicubic[:, None, None], _keys_cubic(t), _triangle(t))
+    inside = (source >= start[:, None, None]) & (source < (start + length)[:, None, None])
+    weights = ops.where(inside, weights, 0.0)
+    return weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-12)
+
+
+def resize_crops(images, top, left, crop_h, crop_w, size, bicubic):
+    """Crop box ``i`` out of image ``i`` and resize it to ``size x size``, as the host path's
+    ``tf.image.resize(..., antialias=True)`` does, for a whole batch in ``keras.ops``.
+
+    A crop-and-resize along an axis is a matrix product, so each image needs two small matrices
+    instead of a per-image resize call: it runs inside a jitted train step on every backend.
+    """
+    height, width = images.shape[1], images.shape[2]
+    rows = _axis_weights(top, crop_h, height, size, bicubic)
+    cols = _axis_weights(left, crop_w, width, size, bicubic)
+    out = ops.einsum("noh,nhwc->nowc", rows, images)
+    out = ops.einsum("npw,nowc->nopc", cols, out)
+    return ops.clip(out, 0.0, 255.0)
+
+
 @keras.saving.register_keras_serializable(package="keras_convmixer")
 class RandomResizedCrop(keras.layers.Layer):
     """Inception crop of a batch of equally sized images, per image, with ``keras.ops``.
 
-    Each image gets its own box (timm's sampling) and is resampled bilinearly to ``size`` with
-    ``ops.image.affine_transform``; runs inside a jitted train step on every backend. Identity
-    at inference (resize only).
+    Each image gets its own box (timm's sampling, as the host path) and is resampled to ``size``
+    by the host path's filter (``resize_crops``); ``interpolation="random"`` picks bilinear or
+    bicubic per image, as timm's ``train_interpolation=random``. Runs inside a jitted train step
+    on every backend. At inference: a plain resize.
     """
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10, seed=None, **kwargs):
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10, interpolation="bilinear",
+                 seed=None, **kwargs):
         super().__init__(**kwargs)
+        if interpolation not in TRAIN_INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {TRAIN_INTERPOLATIONS}, got {interpolation!r}.")
         self.size = int(size)
         self.scale = tuple(float(s) for s in scale)
         self.ratio = tuple(float(r) for r in ratio)
         self.attempts = int(attempts)
+        self.interpolation = interpolation
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -136,14 +189,10 @@ class RandomResizedCrop(keras.layers.Layer):
             height, width = float(images.shape[1]), float(images.shape[2])
             u_try = keras.random.uniform((n, self.attempts, 2), seed=self.seed_generator)
             u_offset = keras.random.uniform((n, 2), seed=self.seed_generator)
+            u_interp = keras.random.uniform((n,), seed=self.seed_generator)
             top, left, crop_h, crop_w = sample_crop_boxes(u_try, u_offset, height, width, self.scale, self.ratio, ops)
-            # Output pixel i (centre i + 0.5) samples input x = left + (i + 0.5) * crop_w / width - 0.5.
-            sx, sy = crop_w / width, crop_h / height
-            zeros = ops.zeros_like(sx)
-            transform = ops.stack(
-                [sx, zeros, left + 0.5 * sx - 0.5, zeros, sy, top + 0.5 * sy - 0.5, zeros, zeros], axis=1
-            )
-            images = ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="nearest")
+            bicubic = {"bilinear": u_interp > 2.0, "bicubic": u_interp < 2.0, "random": u_interp < 0.5}
+            return resize_crops(images, top, left, crop_h, crop_w, self.size, bicubic[self.interpolation])
         if images.shape[1] != self.size or images.shape[2] != self.size:
             images = ops.image.resize(images, (self.size, self.size), antialias=True)
         return images
@@ -153,7 +202,8 @@ class RandomResizedCrop(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(size=self.size, scale=self.scale, ratio=self.ratio, attempts=self.attempts, seed=self.seed)
+        config.update(size=self.size, scale=self.scale, ratio=self.ratio, attempts=self.attempts,
+                      interpolation=self.interpolation, seed=self.seed)
         return config
 
 
@@ -364,7 +414,8 @@ class DeviceAugment(keras.layers.Layer):
         self.cfg = dict(cfg)
         self.crop = bool(crop)
         seed = cfg["seed"]
-        self.crop_layer = (RandomResizedCrop(cfg["image_size"], cfg["crop_scale"], cfg["crop_ratio"], seed=seed)
+        self.crop_layer = (RandomResizedCrop(cfg["image_size"], cfg["crop_scale"], cfg["crop_ratio"],
+                                             interpolation=cfg["train_interpolation"], seed=seed)
                            if crop else None)
         self.image_layers = _core_image_layers(cfg, seed)
 

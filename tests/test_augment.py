@@ -68,11 +68,13 @@ def test_device_random_resized_crop_statistics():
     images = np.repeat(ramp_image(size, size)[None], n, axis=0)
     out = to_numpy(layer(images, training=True)).astype(np.float64)
     assert out.shape == (n, size, size, 3)
-    h, w = boxes_from_outputs(out, size, (1, size - 2))
+    # Pixels 0 and 1 of a small (enlarged) box sample left of its first source pixel, clamped to it
+    # as tf.image.resize does: read slopes from pixel 2 in.
+    h, w = boxes_from_outputs(out, size, (2, size - 3))
     np.testing.assert_allclose(h, np.round(h), atol=0.05)  # whole-pixel boxes, as timm
     check_crop_statistics(h, w, size, size, np.random.default_rng(0))
     # Every box lies inside the image: first/last sample positions stay within [0, size - 1].
-    left = out[:, size // 2, 1, 0] - 1.5 * w / size + 0.5
+    left = out[:, size // 2, 2, 0] - 2.5 * w / size + 0.5
     assert left.min() >= -1e-3 and (left + w).max() <= size + 1e-3
     # Inference: unchanged.
     np.testing.assert_allclose(to_numpy(layer(images[:2], training=False)), images[:2], atol=1e-4)
@@ -82,6 +84,35 @@ def test_device_crop_resizes_to_target_size():
     layer = aug.RandomResizedCrop(8, seed=0)
     out = layer(np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype("float32"), training=True)
     assert tuple(out.shape) == (3, 8, 8, 3)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_device_crop_resamples_like_the_host_tf_resize(interpolation):
+    """The device crop's filter against tf.image.resize(crop, antialias=True), the host path's: boxes
+    that shrink (antialiased), enlarge and keep the size, non-square, touching the borders."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (4, 40, 36, 3)).astype("float32")
+    boxes = np.array([[0, 0, 40, 36], [5, 3, 9, 12], [10, 7, 24, 29], [13, 20, 27, 16]], "float32")  # t, l, h, w
+    size = 24
+    bicubic = np.full(4, interpolation == "bicubic")
+    out = to_numpy(aug.resize_crops(images, *boxes.T, size, bicubic))
+    for image, (t, left, h, w), got in zip(images, boxes.astype(int), out, strict=True):
+        crop = image[t : t + h, left : left + w]
+        ref = tf.clip_by_value(tf.image.resize(crop, [size, size], method=interpolation, antialias=True), 0, 255)
+        np.testing.assert_allclose(got, ref.numpy(), atol=2e-3)
+
+
+def test_device_crop_random_interpolation_mixes_both_kernels():
+    layer = aug.RandomResizedCrop(16, scale=(0.3, 0.3), ratio=(1, 1), interpolation="random", seed=0)
+    # A step edge: bicubic overshoots (clipped at 0/255 only outside [0, 255]), bilinear never does.
+    image = np.zeros((32, 32, 3), "float32")
+    image[:, 16:] = 200.0
+    out = to_numpy(layer(np.repeat(image[None], 200, axis=0), training=True))
+    overshoot = (out > 200.5).any(axis=(1, 2, 3))
+    edge = ((out > 1) & (out < 199)).any(axis=(1, 2, 3))  # crops that contain the edge
+    assert edge.sum() > 50
+    assert 0.25 < overshoot[edge].mean() < 0.75  # about half bicubic
 
 
 def test_host_random_resized_crop_statistics():
