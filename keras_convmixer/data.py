@@ -605,6 +605,7 @@ def make_dataset(
     shuffle_buffer: int | None = None,
     cache: bool | str = "auto",
     drop_remainder: bool | None = None,
+    repeat: bool = False,
 ):
     """Build the batched ``tf.data.Dataset`` of ``(images float32 [B,H,W,3] in [0,255], labels int32 [B])``.
 
@@ -615,6 +616,9 @@ def make_dataset(
     (``CACHE_BUDGET_BYTES``); True/False force it. ``shuffle_buffer=None`` shuffles the whole split
     (uncached TFDS splits: 10,000 decoded images).
     With a cache, shuffling follows it (a cache before the shuffle would freeze the first order).
+    ``repeat=True`` (training only) makes the stream endless, reshuffled on every pass: give
+    ``model.fit`` ``steps_per_epoch``. A dataset that skips undecodable files has no known length,
+    and Keras counts an extra optimizer step at the end of each epoch of unknown length.
     """
     tf = _tf()
     _check_interpolation(interpolation)
@@ -631,14 +635,20 @@ def make_dataset(
     if shuffle_buffer is None and split.kind == "tfds" and not cache:
         buffer = min(buffer, 10_000)  # these elements are decoded images (file paths cost nothing to hold)
 
+    if repeat and not training:
+        raise ValueError("make_dataset(repeat=True) is for training streams only")
     ds, decode = _base_dataset(split, training, seed)
     if training and not cache:
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
     if decode is not None:
         ds = ds.map(decode, num_parallel_calls=autotune).ignore_errors(log_warning=True)
     if training:
         if cache:
             ds = ds.cache().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+            if repeat:
+                ds = ds.repeat()
         if image_map is None:
 
             def image_map(image):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -20,7 +21,16 @@ from keras import ops
 
 from keras_convmixer import augment as aug
 from keras_convmixer import data
-from keras_convmixer.models import MODEL_CONFIGS, ConvMixer, canonical_name, get_model
+from keras_convmixer.models import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODEL_CONFIGS,
+    ConvMixer,
+    canonical_name,
+    get_model,
+)
 from keras_convmixer.schedules import LearningRateLogger, OneCycle, cosine_with_warmup
 
 _BASE = dict(
@@ -35,7 +45,7 @@ _BASE = dict(
     augment_impl="keras", augment_on="host", precision="auto", strategy="auto", logical_cpus=None,
     coordinator=None, num_processes=1, process_id=0,
     output_dir=None, steps_per_epoch=None, val_steps=None, verbose="auto",
-    dim=None, depth=None, kernel_size=None, patch_size=None, activation="gelu",
+    dim=None, depth=None, kernel_size=None, patch_size=None, activation="gelu", initializer="torch",
 )
 
 # Values from REFERENCE.md (the paper's timm command; the official CIFAR script).
@@ -46,7 +56,7 @@ RECIPES = {
         crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), train_interpolation="random", hflip=0.5,
         randaug_n=2, randaug_m=9, randaug_mstd=0.5, randaug_scale="timm", color_jitter=0.0, reprob=0.25,
         mixup_alpha=0.5, cutmix_alpha=0.5, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1,
-        crop_pct=0.96, interpolation="bicubic", precision="auto",
+        crop_pct=0.96, interpolation="bicubic", precision="auto", mean=IMAGENET_MEAN, std=IMAGENET_STD,
     ),
     "cifar10": dict(
         # torch AdamW's default eps (the script sets none); weight decay on all parameters.
@@ -55,7 +65,7 @@ RECIPES = {
         crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.5,
         randaug_n=2, randaug_m=12, randaug_mstd=0.0, randaug_scale="torchvision", color_jitter=0.0, reprob=0.0,
         mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, crop_pct=1.0, interpolation="bilinear",
-        precision="auto",
+        precision="auto", mean=CIFAR10_MEAN, std=CIFAR10_STD,
     ),
     # Small ConvMixer on sklearn digits: a few minutes on a 2-core CPU, well above 90% val top-1.
     "demo": dict(
@@ -130,6 +140,11 @@ def _check(cfg):
     if int(cfg["num_processes"]) > 1 and not cfg["in_memory"]:
         raise ValueError("--num-processes > 1 (JAX multi-process) feeds per-process array shards: add --in-memory "
                          "--augment-on device.")
+    if cfg["initializer"] not in ("torch", "keras"):
+        raise ValueError(f"--initializer must be 'torch' or 'keras', got {cfg['initializer']!r}.")
+    if cfg["train_interpolation"] not in aug.TRAIN_INTERPOLATIONS:
+        raise ValueError(f"--train-interpolation must be one of {', '.join(aug.TRAIN_INTERPOLATIONS)}, "
+                         f"got {cfg['train_interpolation']!r}.")
     if cfg["schedule"] not in ("onecycle", "cosine"):
         raise ValueError(f"--schedule must be 'onecycle' or 'cosine', got {cfg['schedule']!r}.")
     kind, arg = data.parse_source(cfg["data"])
@@ -139,7 +154,7 @@ def _check(cfg):
 
 def _model_kwargs(cfg):
     kwargs = dict(input_shape=[cfg["image_size"], cfg["image_size"], 3], classifier_activation=None,
-                  dropout=float(cfg["dropout"]))
+                  dropout=float(cfg["dropout"]), initializer=cfg["initializer"])
     if cfg["mean"] is not None:
         kwargs.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
     if cfg["model"] == "custom":
@@ -280,8 +295,21 @@ def _allow_jit(layer):
 # ----------------------------------------------------------------------------- data
 
 
-def _prepare_data(cfg, num_replicas_note=None):
-    """Return ``(train, val, fit_kwargs, source_info)`` for the host/device and tf.data/in-memory paths."""
+def _subset(n, size, labels, seed):
+    """A seeded, stratified random subset of ``size`` of ``n`` indices, in random order."""
+    if size >= n:
+        return np.random.default_rng(seed).permutation(n)
+    keep, _ = data.stratified_split(labels, n - size, seed)  # the "val" part is what is left out
+    return np.random.default_rng(seed).permutation(keep)
+
+
+def _prepare_data(cfg):
+    """Return ``(train, val, fit_kwargs, source_info)`` for the host/device and tf.data/in-memory paths.
+
+    Every path gives ``model.fit`` a known number of steps per epoch, so the optimizer takes exactly
+    ``epochs x steps`` steps and the one-cycle schedule ends where it should: tf.data streams repeat
+    (a dataset of unknown length would make Keras count one extra step per epoch when it runs out).
+    """
     batch = int(cfg["batch_size"])
     if cfg["in_memory"]:
         mem = data.load_in_memory(cfg["data"], image_size=cfg["image_size"], val_split=cfg["val_split"],
@@ -294,15 +322,19 @@ def _prepare_data(cfg, num_replicas_note=None):
             x, y = x[shard], y[shard]
             batch //= cfg["num_processes"]
         if cfg["steps_per_epoch"]:
-            x, y = x[: cfg["steps_per_epoch"] * batch], y[: cfg["steps_per_epoch"] * batch]
+            # A random stratified subset, not a prefix: the arrays are ordered by class.
+            keep = _subset(len(y), int(cfg["steps_per_epoch"]) * batch, y, cfg["seed"])
+            x, y = x[keep], y[keep]
         xv, yv = mem.x_val, mem.y_val
         if cfg["val_steps"]:
-            xv, yv = xv[: cfg["val_steps"] * batch], yv[: cfg["val_steps"] * batch]
+            keep = _subset(len(yv), int(cfg["val_steps"]) * batch, yv, cfg["seed"])
+            xv, yv = xv[keep], yv[keep]
         train = ({"images": x, "labels": y}, y)
         val = ({"images": xv, "labels": yv}, yv) if len(yv) else None
+        steps = math.ceil(len(y) / batch)
         info = dict(class_names=mem.class_names, num_train=len(y), num_val=len(yv), skipped=mem.skipped,
-                    steps_per_epoch=math.ceil(len(y) / batch))
-        return train, val, dict(batch_size=batch, shuffle=True), info
+                    steps_per_epoch=steps)
+        return train, val, dict(batch_size=batch, shuffle=True, steps_per_epoch=steps), info
 
     try:
         import tensorflow as tf
@@ -320,14 +352,13 @@ def _prepare_data(cfg, num_replicas_note=None):
     image_map = aug.host_image_map(cfg)
     if cfg["augment_on"] == "host":
         train = data.make_dataset(src.train, training=True, image_map=image_map,
-                                  batch_map=aug.host_batch_map(cfg, n), **common)
+                                  batch_map=aug.host_batch_map(cfg, n), repeat=True, **common)
     else:
-        train = data.make_dataset(src.train, training=True, image_map=image_map, **common)
+        train = data.make_dataset(src.train, training=True, image_map=image_map, repeat=True, **common)
         train = train.map(lambda x, y: ({"images": x, "labels": y}, y))
     steps = src.num_train // batch
     if cfg["steps_per_epoch"]:
         steps = min(steps, int(cfg["steps_per_epoch"]))
-        train = train.take(steps)
     val = None
     if src.val is not None:
         val = data.make_dataset(src.val, training=False, **common)
@@ -337,26 +368,34 @@ def _prepare_data(cfg, num_replicas_note=None):
             val = val.map(lambda x, y: ({"images": x, "labels": y}, y))
         if cfg["val_steps"]:
             val = val.take(int(cfg["val_steps"]))
-    info = dict(class_names=src.class_names, num_train=steps * batch, num_val=src.num_val, skipped=src.skipped,
+    info = dict(class_names=src.class_names, num_train=src.num_train, num_val=src.num_val, skipped=src.skipped,
                 steps_per_epoch=steps)
-    return train, val, dict(shuffle=False), info  # tf.data shuffles itself
+    return train, val, dict(shuffle=False, steps_per_epoch=steps), info  # tf.data shuffles itself
 
 
 # ----------------------------------------------------------------------------- callbacks
 
 
 class ThroughputLogger(keras.callbacks.Callback):
-    """Adds ``images_per_sec`` (training steps only) and ``epoch_time_s`` to the epoch logs."""
+    """Adds ``images_per_sec`` (training steps only) and ``epoch_time_s`` to the epoch logs.
+
+    It counts the batches it saw, so the figure is right whatever Keras knows of the epoch's length.
+    The count is taken at batch *begin*: a batch-end hook would turn off Keras's asynchronous
+    callback dispatch and sync with the device after every step.
+    """
 
     def __init__(self, images_per_step):
         super().__init__()
         self.images_per_step = images_per_step
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._train_end = time.perf_counter(), None
+        self._start, self._train_end, self._batches = time.perf_counter(), None, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batches = batch + 1  # the step index (steps_per_execution is 1)
 
     def on_test_begin(self, logs=None):
-        # Validation starts once the epoch's training steps are done; no per-batch hook needed.
+        # Validation starts once the epoch's training steps are done.
         if self._train_end is None:
             self._train_end = time.perf_counter()
 
@@ -364,7 +403,7 @@ class ThroughputLogger(keras.callbacks.Callback):
         now = time.perf_counter()
         if logs is not None:
             train_time = (self._train_end or now) - self._start
-            logs["images_per_sec"] = self.params["steps"] * self.images_per_step / max(train_time, 1e-9)
+            logs["images_per_sec"] = self._batches * self.images_per_step / max(train_time, 1e-9)
             logs["epoch_time_s"] = now - self._start
 
 
@@ -411,6 +450,13 @@ def read_history(path):
         return list(csv.DictReader(f))
 
 
+def history_value(row, key):
+    """A history.csv cell as a float, or None where the epoch has no such value (CSVLogger writes
+    "NA", e.g. for the val_ columns of a run without validation)."""
+    value = row.get(key)
+    return None if value in (None, "", "NA") else float(value)
+
+
 def plot_curves(history_rows, path):
     import matplotlib
 
@@ -418,7 +464,7 @@ def plot_curves(history_rows, path):
     import matplotlib.pyplot as plt
 
     def column(key):
-        return [float(r[key]) for r in history_rows if r.get(key) not in (None, "")]
+        return [v for v in (history_value(r, key) for r in history_rows) if v is not None]
 
     epochs = [int(r["epoch"]) + 1 for r in history_rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -551,10 +597,14 @@ def train(config):
               f"batch {cfg['batch_size']}, strategy {strategy_name} ({replicas} replicas), "
               f"{cfg['precision_used']}, augment on {cfg['augment_on']}; run dir {run_dir}"
               + (f"; skipped {info['skipped']} unreadable files" if info["skipped"] else ""))
-        model.fit(train_data[0] if isinstance(train_data, tuple) else train_data,
-                  train_data[1] if isinstance(train_data, tuple) else None,
-                  validation_data=val_data, epochs=int(cfg["epochs"]), callbacks=callbacks,
-                  verbose=verbose, **fit_kwargs)
+        with warnings.catch_warnings():
+            # Training streams never run out (they repeat); the validation set, whose length is
+            # unknown when undecodable files are skipped, ends each pass with this warning.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(train_data[0] if isinstance(train_data, tuple) else train_data,
+                      train_data[1] if isinstance(train_data, tuple) else None,
+                      validation_data=val_data, epochs=int(cfg["epochs"]), callbacks=callbacks,
+                      verbose=verbose, **fit_kwargs)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -562,9 +612,7 @@ def train(config):
     plot_curves(rows, os.path.join(run_dir, "curves.png"))
     last = rows[-1] if rows else {}
 
-    def num(row, key):
-        return float(row[key]) if row.get(key) not in (None, "") else None
-
+    num = history_value
     ips = [num(r, "images_per_sec") for r in rows if num(r, "images_per_sec") is not None]
     metrics = dict(
         val_top1=num(last, "val_top1"), val_top5=num(last, "val_top5"),
@@ -574,12 +622,17 @@ def train(config):
         train_time_s=round(sum(num(r, "epoch_time_s") or 0.0 for r in rows), 2),
         images_per_sec=round(float(np.mean(ips)), 1) if ips else None,
         params=int(classifier.count_params()),
-        backend=keras.backend.backend(), strategy=strategy_name, run_dir=run_dir,
+        # epochs x steps_per_epoch on a run that finished; a resumed run restores the count.
+        optimizer_steps=int(ops.convert_to_numpy(model.optimizer.iterations)),
+        steps_per_epoch=steps, backend=keras.backend.backend(), strategy=strategy_name, run_dir=run_dir,
     )
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    top1 = "n/a" if metrics["val_top1"] is None else f"{metrics['val_top1']:.2%}"
-    top5 = "n/a" if metrics["val_top5"] is None else f"{metrics['val_top5']:.2%}"
-    print(f"Done: {metrics['epochs']} epochs, val top-1 {top1}, top-5 {top5}, {metrics['wall_time_s']:.0f} s, "
+    if metrics["val_top1"] is None:  # no validation split: say what best.keras was chosen on
+        scores = f"train top-1 {metrics['train_top1']:.2%} (no validation)" if rows else "no epochs"
+    else:
+        top5 = "n/a" if metrics["val_top5"] is None else f"{metrics['val_top5']:.2%}"
+        scores = f"val top-1 {metrics['val_top1']:.2%}, top-5 {top5}"
+    print(f"Done: {metrics['epochs']} epochs, {scores}, {metrics['wall_time_s']:.0f} s, "
           f"{metrics['images_per_sec'] or 0:.0f} img/s, {metrics['params']:,} params -> {run_dir}")
     return metrics

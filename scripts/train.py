@@ -42,6 +42,8 @@ def build_parser():
         g.add_argument(flag, type=int)
     g.add_argument("--activation")
     g.add_argument("--dropout", type=float)
+    g.add_argument("--initializer", choices=["torch", "keras"],
+                   help="torch (default): PyTorch's default init, as the paper's models; keras: Keras's defaults")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="digits | folder:<path> | tfds:<name>")
     g.add_argument("--data-dir", help="TFDS data directory")
@@ -63,7 +65,7 @@ def build_parser():
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-scale", type=_pair, help="RandomResizedCrop area range, e.g. 0.08,1")
     g.add_argument("--crop-ratio", type=_pair, help="RandomResizedCrop aspect range, e.g. 0.75,1.3333")
-    g.add_argument("--train-interpolation", choices=["bilinear", "bicubic", "nearest", "random"])
+    g.add_argument("--train-interpolation", choices=["bilinear", "bicubic", "random"])
     g.add_argument("--hflip", type=float, help="0 or 0.5")
     g.add_argument("--randaug-n", type=int, help="RandAugment ops per image (0 = off)")
     g.add_argument("--randaug-m", type=float, help="RandAugment magnitude on --randaug-scale")

@@ -1,0 +1,123 @@
+"""``scripts/train.py`` end to end, as the README runs it, on a folder of real image files.
+
+A generated folder of 300 JPEG/PNG files (more than one batch, two epochs), the paper's recipes with
+only the model and sizes shrunk. Each run must finish, write every artefact, and step the optimizer
+exactly ``epochs x steps_per_epoch`` times (so the one-cycle schedule ends where it should).
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_convmixer import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND = keras.backend.backend()
+COLOURS = {"blue": (40, 60, 210), "green": (40, 190, 60), "red": (210, 40, 40)}
+PER_CLASS = 100
+BATCH = 64
+TINY = ["--model", "custom", "--dim", "32", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
+        "--image-size", "16", "--batch-size", str(BATCH), "--epochs", "2", "--verbose", "2"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes x 100 images of varied sizes, JPEG and PNG: class colour plus noise and a bar."""
+    root = tmp_path_factory.mktemp("images") / "train"
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            h, w = rng.integers(18, 30, size=2)
+            image = np.array(colour, "float32") + rng.normal(0, 30, (h, w, 3))
+            image[h // 3 : h // 3 + 3] = 255 - image[h // 3 : h // 3 + 3]
+            ext = "png" if i % 4 == 0 else "jpg"
+            Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(root / name / f"{i:03d}.{ext}")
+    return root
+
+
+def train_script(args, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "scripts/train.py", *args, *TINY, "--output-dir", str(run)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return run, proc.stdout
+
+
+def history(run):
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_complete_run(run, steps_per_epoch, with_val=True):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    assert metrics["steps_per_epoch"] == steps_per_epoch
+    assert metrics["optimizer_steps"] == 2 * steps_per_epoch
+    assert [int(r["epoch"]) for r in history(run)] == [0, 1]
+    for name in ("config.json", "best.keras", "last.keras", "best.json"):
+        assert (run / name).is_file(), name
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = json.loads((run / "best.json").read_text())
+    assert best["monitor"] == ("val_top1" if with_val else "top1")
+    if with_val:
+        assert 0.0 <= metrics["val_top1"] <= 1.0
+    else:
+        assert metrics["val_top1"] is None and 0.0 <= metrics["train_top1"] <= 1.0
+    model = keras.saving.load_model(run / "best.keras")
+    logits = keras.ops.convert_to_numpy(model(np.full((2, 16, 16, 3), 128.0, "float32")))
+    assert logits.shape == (2, len(COLOURS)) and np.isfinite(logits).all()
+    return metrics
+
+
+# 300 files, 60 held out (20 per class): 240 // 64 = 3 full training batches per epoch.
+@pytest.mark.parametrize("recipe", ["cifar10", "imagenet"])
+def test_readme_recipe_on_a_folder_runs_two_epochs(folder, tmp_path, recipe):
+    run, out = train_script(["--recipe", recipe, "--data", f"folder:{folder}", "--val-split", "60"], tmp_path)
+    metrics = assert_complete_run(run, steps_per_epoch=3)
+    assert "240 train / 60 val images" in out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["recipe"] == recipe and saved["class_names"] == sorted(COLOURS)
+    assert metrics["images_per_sec"] > 0
+
+
+def test_without_validation_picks_best_on_train_metric(folder, tmp_path):
+    run, out = train_script(["--recipe", "cifar10", "--data", f"folder:{folder}", "--val-split", "0"], tmp_path)
+    assert_complete_run(run, steps_per_epoch=300 // BATCH, with_val=False)
+    assert "(no validation)" in out
+
+
+def test_in_memory_device_path_with_steps_per_epoch(folder, tmp_path):
+    run, _ = train_script(["--recipe", "cifar10", "--data", f"folder:{folder}", "--val-split", "60", "--in-memory",
+                           "--augment-on", "device", "--steps-per-epoch", "2"], tmp_path)
+    assert_complete_run(run, steps_per_epoch=2)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_with_float32_logits(folder, tmp_path, precision):
+    config = training.resolve_config("cifar10", dict(
+        model="custom", dim=32, depth=1, kernel_size=3, patch_size=2, image_size=16, batch_size=BATCH, epochs=2,
+        steps_per_epoch=2, data=f"folder:{folder}", val_split=60, precision=precision,
+        output_dir=str(tmp_path / "run"), verbose=0))
+    metrics = training.train(config)
+    assert metrics["optimizer_steps"] == 4 and np.isfinite(metrics["val_top1"])
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    model = keras.saving.load_model(tmp_path / "run" / "last.keras")
+    assert model.get_layer("head").dtype_policy.compute_dtype == "float32"
+
+
+def test_in_memory_subset_is_stratified_and_random():
+    labels = np.repeat(np.arange(4), 50)  # ordered by class, as in-memory arrays are
+    keep = training._subset(len(labels), 40, labels, seed=0)
+    assert len(keep) == len(set(keep)) == 40
+    assert np.bincount(labels[keep], minlength=4).tolist() == [10, 10, 10, 10]
+    assert not np.array_equal(np.sort(keep), np.arange(40))
+    assert not np.array_equal(keep, np.sort(keep))  # shuffled, not in class order
