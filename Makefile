@@ -12,11 +12,16 @@ install: $(VENV)/.installed
 # torch==2.13.0 first, exactly: it is the CPU build found locally, and any
 # looser spec makes pip fetch a multi-GB CUDA build. The extras' `torch>=2.1`
 # is then already satisfied.
-$(VENV)/.installed: setup.cfg pyproject.toml
+# timm and torchvision are the tests' independent references (RandAugment, erasing, models).
+# The registry's torchvision wheel is a CUDA build whose dependency pins would pull another
+# torch: installed without dependencies, its Python code runs on the CPU torch (the tests
+# declare the two compiled ops its import registers; see tests/vision_reference.py).
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev,jax,torch,onnx]"
+	$(PY) -m pip install --no-deps timm==1.0.31 torchvision==0.28.0
 	touch $@
 
 # One pytest process per backend: Keras picks its backend once per process.
