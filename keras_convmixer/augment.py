@@ -1,17 +1,18 @@
-"""Training augmentation: timm's recipe made of Keras layers.
+"""Training augmentation: timm's recipe as Keras layers, on the host or on the device.
 
 Two places run it (``augment_on``):
 
 * ``"host"``: per image in the tf.data map (Inception crop, flip, RandAugment, colour jitter,
-  random erasing), then MixUp/CutMix per batch. RandAugment therefore picks its ops per image,
-  as timm does.
-* ``"device"``: the host only decodes and crops; ``DeviceAugment`` runs the same Keras layers
-  batched inside the train step. With an in-memory source the crop runs there too, so no
-  TensorFlow is needed at all.
+  random erasing), then MixUp/CutMix per batch. Only the ops each image drew run.
+* ``"device"``: the host only decodes and crops; ``DeviceAugment`` runs the same layers batched
+  inside the train step, still choosing RandAugment's ops per image. With an in-memory source
+  the crop runs there too, so no TensorFlow is needed at all.
 
-Keras has no Inception crop; ``sample_crop_boxes`` is timm's sampling written once for any
-NumPy-like namespace, applied with ``tf.image`` on the host and ``keras.ops`` on the device.
-TensorFlow is imported lazily.
+RandAugment and random erasing are ``keras_convmixer.randaugment``/``erasing``: torchvision's and
+timm's definitions (Keras's own ``RandAugment(factor)`` is a different augmentation whose ops no
+factor makes match). Keras has no Inception crop; ``sample_crop_boxes`` is timm's sampling
+written once for any NumPy-like namespace, applied with ``tf.image`` on the host and
+``keras.ops`` on the device. TensorFlow is imported lazily.
 """
 
 import math
@@ -20,24 +21,12 @@ import types
 import keras
 from keras import ops
 
-# RandAugment magnitude: timm runs 0-10 (m9 = 90% of each op's range), torchvision 0-30.
-# Keras's RandAugment(factor) is one 0-1 fraction shared by all its ops, and its ranges differ
-# from timm's: rotation is +-360*factor degrees (timm: +-30 deg at full magnitude), translation
-# +-factor of the side (timm 0.45), contrast 1 +- factor (timm 1 +- 0.9). No single factor
-# matches every op. We match rotation, the op whose scale differs most and which destroys the
-# image first:  factor = fraction_of_max_magnitude * 30 / 360.
-# So timm m9 -> 0.075 and torchvision m12 -> 0.0333; translation and the colour ops are then
-# milder than timm's. ``--randaug-factor`` overrides the mapping.
-RANDAUG_MAX_MAGNITUDE = {"timm": 10.0, "torchvision": 30.0}
-_MAX_ROTATION_DEG = 30.0
+from keras_convmixer.erasing import RandomErasing
+from keras_convmixer.randaugment import RandAugment
 
-
-def randaugment_factor(magnitude, scale="timm"):
-    """Keras ``RandAugment(factor=...)`` for a timm/torchvision magnitude (see comment above)."""
-    if scale not in RANDAUG_MAX_MAGNITUDE:
-        raise ValueError(f"RandAugment magnitude scale must be one of {sorted(RANDAUG_MAX_MAGNITUDE)}, got {scale!r}.")
-    fraction = min(max(float(magnitude) / RANDAUG_MAX_MAGNITUDE[scale], 0.0), 1.0)
-    return fraction * _MAX_ROTATION_DEG / 360.0
+AUGMENT_IMPLS = ("convmixer", "keras_cv")
+# RandAugment magnitude scales: timm's runs 0-10 (m9 = 90% of each op's range), torchvision's 0-30.
+RANDAUG_SCALES = {"timm": 10.0, "torchvision": 30.0}
 
 
 def sample_crop_boxes(u_try, u_offset, height, width, scale, ratio, xp):
@@ -274,44 +263,44 @@ class MixupCutmix(keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="keras_convmixer")
-class SignedRandAugment(keras.layers.RandAugment):
-    """Keras ``RandAugment`` whose signed ops move both ways, as timm's do.
-
-    Keras hands its ``(0, factor)`` range to every sub-layer unchanged, so rotation, shear,
-    translation and brightness only ever go one way (e.g. always clockwise) and contrast only
-    ever increases. timm draws the sign at random; these ranges restore that.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        f = self.factor[1]
-        self.random_rotation.factor = (-f, f)
-        self.random_shear.x_factor = self.random_shear.y_factor = (-f, f)
-        t = self.random_translation
-        t.height_lower, t.height_upper, t.width_lower, t.width_upper = -f, f, -f, f
-        self.random_brightness.factor = (-f, f)
-        self.random_contrast.factor = (f, f)  # Keras: contrast in [1 - factor[0], 1 + factor[1]]
+def make_randaugment(cfg, seed=None):
+    """The recipe's RandAugment: torchvision's (``randaug_scale="torchvision"``, 31 magnitude bins)
+    or timm's ``rand-m{m}-mstd{mstd}-inc1`` (each op with probability 0.5, fill = the mean pixel)."""
+    if cfg["randaug_scale"] == "torchvision":
+        return RandAugment("torchvision", num_ops=cfg["randaug_n"], magnitude=int(cfg["randaug_m"]),
+                           num_magnitude_bins=31, seed=seed)
+    # timm's create_transform fills with round(255 * mean) and resamples bilinearly unless told
+    # otherwise; with train_interpolation=random timm also draws bicubic per op (not offered here).
+    fill = tuple(float(min(255, round(255 * m))) for m in cfg["mean"])
+    return RandAugment("timm", num_ops=cfg["randaug_n"], magnitude=cfg["randaug_m"],
+                       magnitude_std=cfg["randaug_mstd"], increasing=True, fill=fill, interpolation="bilinear",
+                       seed=seed)
 
 
-def _core_image_layers(cfg, seed):
-    """flip, RandAugment, colour jitter, erasing: Keras core layers, value range [0, 255]."""
+def _flip(cfg, seed):
+    if cfg["hflip"] != 0.5:
+        raise ValueError(f"Keras RandomFlip flips with probability 0.5; hflip={cfg['hflip']} is not supported.")
+    return keras.layers.RandomFlip("horizontal", seed=seed)
+
+
+def _erasing(cfg, seed):
+    # timm erases after normalisation with N(0, 1) noise: in pixel space, mean + std * N(0, 1).
+    return RandomErasing(cfg["reprob"], mode="pixel", mean=cfg["mean"], std=cfg["std"], seed=seed)
+
+
+def _image_layers(cfg, seed):
+    """flip, RandAugment (or colour jitter), erasing, in timm's order; value range [0, 255]."""
     layers = []
     if cfg["hflip"] > 0:
-        if cfg["hflip"] != 0.5:
-            raise ValueError(f"Keras RandomFlip flips with probability 0.5; hflip={cfg['hflip']} is not supported.")
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(_flip(cfg, seed))
     if cfg["randaug_n"] > 0:
-        layers.append(SignedRandAugment(value_range=(0, 255), num_ops=cfg["randaug_n"],
-                                               factor=cfg["randaug_factor"], seed=seed))
+        layers.append(make_randaugment(cfg, seed))
     elif cfg["color_jitter"] > 0:  # timm: no colour jitter when RandAugment is on
         j = cfg["color_jitter"]
         layers.append(keras.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=j, contrast_factor=j,
                                                      saturation_factor=j, seed=seed))
     if cfg["reprob"] > 0:
-        # factor=(p, p): erase with probability exactly p (a single float draws p from [0, p]).
-        layers.append(keras.layers.RandomErasing(factor=(cfg["reprob"], cfg["reprob"]), value_range=(0, 255),
-                                                 seed=seed))
+        layers.append(_erasing(cfg, seed))
     return layers
 
 
@@ -330,8 +319,8 @@ def _keras_cv_image_layers(cfg, seed):
     if cfg["hflip"] > 0:
         layers.append(kcv.layers.RandomFlip("horizontal", seed=seed))
     if cfg["randaug_n"] > 0:
-        # keras-cv's magnitude is a 0-1 fraction of timm-style per-op ranges: m / max_magnitude.
-        top = RANDAUG_MAX_MAGNITUDE[cfg["randaug_scale"]]
+        # keras-cv's magnitude is a 0-1 fraction of its own timm-like per-op ranges.
+        top = RANDAUG_SCALES[cfg["randaug_scale"]]
         layers.append(kcv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=cfg["randaug_n"],
                                              magnitude=cfg["randaug_m"] / top,
                                              magnitude_stddev=cfg["randaug_mstd"] / top, rate=1.0, seed=seed))
@@ -340,9 +329,16 @@ def _keras_cv_image_layers(cfg, seed):
         layers.append(kcv.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=j, contrast_factor=j,
                                                    saturation_factor=j, hue_factor=0.0, seed=seed))
     if cfg["reprob"] > 0:
-        layers.append(keras.layers.RandomErasing(factor=(cfg["reprob"], cfg["reprob"]), value_range=(0, 255),
-                                                 seed=seed))
+        layers.append(_erasing(cfg, seed))
     return layers
+
+
+def _host_call(layer):
+    """One layer as a per-image tf function for the tf.data map, under any backend."""
+    if hasattr(layer, "host_map"):  # ours: only the drawn ops run
+        return layer.host_map
+    # keras.layers.Pipeline (not Sequential) switches Keras's own layers to tf ops in tf.data.
+    return keras.layers.Pipeline([layer])
 
 
 def host_image_map(cfg):
@@ -351,8 +347,8 @@ def host_image_map(cfg):
     size, seed = cfg["image_size"], cfg["seed"]
     scale, ratio = tuple(cfg["crop_scale"]), tuple(cfg["crop_ratio"])
     impl = cfg["augment_impl"]
-    if impl not in ("keras", "keras_cv"):
-        raise ValueError(f"--augment-impl must be 'keras' or 'keras_cv', got {impl!r}.")
+    if impl not in AUGMENT_IMPLS:
+        raise ValueError(f"--augment-impl must be one of {', '.join(AUGMENT_IMPLS)}, got {impl!r}.")
     if impl == "keras_cv" and cfg["augment_on"] != "host":
         raise ValueError("--augment-impl keras_cv runs only in the tf.data map: use --augment-on host.")
     interpolation = cfg["train_interpolation"]
@@ -361,9 +357,8 @@ def host_image_map(cfg):
     elif impl == "keras_cv":
         layers = _keras_cv_image_layers(cfg, seed)
     else:
-        layers = _core_image_layers(cfg, seed)
-    # keras.layers.Pipeline (not Sequential) runs in tf.data under every backend.
-    pipeline = keras.layers.Pipeline(layers) if layers else None
+        layers = _image_layers(cfg, seed)
+    steps = [_host_call(layer) for layer in layers]
 
     if impl == "keras_cv":
         kcv = _keras_cv()
@@ -379,8 +374,8 @@ def host_image_map(cfg):
 
     def image_map(image):
         image = crop(image)
-        if pipeline is not None:
-            image = pipeline(image)
+        for step in steps:
+            image = step(image)
         return _tf().cast(image, "float32")
 
     return image_map
@@ -405,8 +400,7 @@ class DeviceAugment(keras.layers.Layer):
     """The training augmentation as one batched layer for the train step (``augment_on="device"``).
 
     ``crop=True`` adds the Inception crop (in-memory sources, whose images arrive uncropped).
-    Keras's RandAugment chooses its ops once per batch here, not per image as timm and the host
-    path do.
+    RandAugment chooses its ops per image here too.
     """
 
     def __init__(self, cfg, crop=False, **kwargs):
@@ -417,7 +411,7 @@ class DeviceAugment(keras.layers.Layer):
         self.crop_layer = (RandomResizedCrop(cfg["image_size"], cfg["crop_scale"], cfg["crop_ratio"],
                                              interpolation=cfg["train_interpolation"], seed=seed)
                            if crop else None)
-        self.image_layers = _core_image_layers(cfg, seed)
+        self.image_layers = _image_layers(cfg, seed)
 
     def call(self, images, training=True):
         images = ops.cast(images, self.compute_dtype)

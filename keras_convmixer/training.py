@@ -35,14 +35,14 @@ from keras_convmixer.schedules import LearningRateLogger, OneCycle, cosine_with_
 
 _BASE = dict(
     data="digits", val_split=0.1, val_source=None, data_dir=None, download=False, in_memory=False,
-    seed=0, dropout=0.0, mean=None, std=None,
+    seed=0, split_seed=0, dropout=0.0, mean=None, std=None,
     crop_pct=1.0, interpolation="bilinear", train_interpolation="bilinear",
     schedule="onecycle", warmup_epochs=0, epsilon=1e-8, clip_norm=None, wd_exclude_bias_bn=True,
     crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
-    randaug_n=0, randaug_m=0.0, randaug_mstd=0.0, randaug_scale="timm", randaug_factor=None,
+    randaug_n=0, randaug_m=0.0, randaug_mstd=0.0, randaug_scale="timm",
     color_jitter=0.0, reprob=0.0,
     mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.0,
-    augment_impl="keras", augment_on="host", precision="auto", strategy="auto", logical_cpus=None,
+    augment_impl="convmixer", augment_on="host", precision="auto", strategy="auto", logical_cpus=None,
     coordinator=None, num_processes=1, process_id=0,
     output_dir=None, steps_per_epoch=None, val_steps=None, verbose="auto",
     dim=None, depth=None, kernel_size=None, patch_size=None, activation="gelu", initializer="torch",
@@ -103,8 +103,10 @@ def resolve_config(recipe="demo", overrides=None):
             cfg[key] = MODEL_CONFIGS[cfg["model"]][key]
     _check(cfg)
     cfg["crop_scale"], cfg["crop_ratio"] = list(cfg["crop_scale"]), list(cfg["crop_ratio"])
-    if cfg["randaug_factor"] is None:
-        cfg["randaug_factor"] = aug.randaugment_factor(cfg["randaug_m"], cfg["randaug_scale"])
+    if cfg["mean"] is None:  # the model's own normalisation (ImageNet's for a custom model)
+        defaults = MODEL_CONFIGS.get(cfg["model"], {})
+        cfg["mean"], cfg["std"] = defaults.get("mean", IMAGENET_MEAN), defaults.get("std", IMAGENET_STD)
+    cfg["mean"], cfg["std"] = [float(m) for m in cfg["mean"]], [float(v) for v in cfg["std"]]
     cfg["model_kwargs"] = _model_kwargs(cfg)
     if cfg["output_dir"] is None:
         cfg["output_dir"] = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -131,8 +133,11 @@ def _check(cfg):
         raise ValueError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {cfg['precision']!r}.")
     if cfg["augment_on"] not in ("host", "device"):
         raise ValueError(f"--augment-on must be 'host' or 'device', got {cfg['augment_on']!r}.")
-    if cfg["augment_impl"] not in ("keras", "keras_cv"):
-        raise ValueError(f"--augment-impl must be 'keras' or 'keras_cv', got {cfg['augment_impl']!r}.")
+    if cfg["augment_impl"] not in aug.AUGMENT_IMPLS:
+        raise ValueError(f"--augment-impl must be one of {', '.join(aug.AUGMENT_IMPLS)}, got {cfg['augment_impl']!r}.")
+    if cfg["randaug_scale"] not in aug.RANDAUG_SCALES:
+        raise ValueError(f"--randaug-scale must be one of {', '.join(aug.RANDAUG_SCALES)}, "
+                         f"got {cfg['randaug_scale']!r}.")
     if cfg["augment_impl"] == "keras_cv" and cfg["augment_on"] != "host":
         raise ValueError("--augment-impl keras_cv runs only in the tf.data map: use --augment-on host.")
     if cfg["in_memory"] and cfg["augment_on"] != "device":
@@ -155,8 +160,7 @@ def _check(cfg):
 def _model_kwargs(cfg):
     kwargs = dict(input_shape=[cfg["image_size"], cfg["image_size"], 3], classifier_activation=None,
                   dropout=float(cfg["dropout"]), initializer=cfg["initializer"])
-    if cfg["mean"] is not None:
-        kwargs.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
+    kwargs.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
     if cfg["model"] == "custom":
         kwargs.update(dim=int(cfg["dim"]), depth=int(cfg["depth"]), kernel_size=int(cfg["kernel_size"]),
                       patch_size=int(cfg["patch_size"]), activation=cfg["activation"])
@@ -303,17 +307,35 @@ def _subset(n, size, labels, seed):
     return np.random.default_rng(seed).permutation(keep)
 
 
+def array_batches(images, labels, batch_size, seed):
+    """Endless seeded stream of ``({"images", "labels"}, labels)`` batches over in-memory arrays.
+
+    Successive shuffled passes are chained, as the tf.data path's repeated shuffle: an epoch of
+    ``steps_per_epoch`` batches that ends inside a pass continues it in the next epoch, so a short
+    epoch still draws from every image. NumPy only (no TensorFlow needed).
+    """
+    rng = np.random.default_rng(seed)
+    pending = np.zeros(0, dtype=np.int64)
+    while True:
+        while len(pending) < batch_size:
+            pending = np.concatenate([pending, rng.permutation(len(labels))])
+        index, pending = pending[:batch_size], pending[batch_size:]
+        yield {"images": images[index], "labels": labels[index]}, labels[index]
+
+
 def _prepare_data(cfg):
     """Return ``(train, val, fit_kwargs, source_info)`` for the host/device and tf.data/in-memory paths.
 
-    Every path gives ``model.fit`` a known number of steps per epoch, so the optimizer takes exactly
-    ``epochs x steps`` steps and the one-cycle schedule ends where it should: tf.data streams repeat
-    (a dataset of unknown length would make Keras count one extra step per epoch when it runs out).
+    Every path gives ``model.fit`` an endless training stream and a known number of steps per
+    epoch, so the optimizer takes exactly ``epochs x steps`` steps and the one-cycle schedule ends
+    where it should (a dataset of unknown length makes Keras count one extra step per epoch when
+    it runs out). The validation split depends on ``split_seed`` only, not on the training seed.
     """
     batch = int(cfg["batch_size"])
+    steps_cap = int(cfg["steps_per_epoch"] or 0)
     if cfg["in_memory"]:
         mem = data.load_in_memory(cfg["data"], image_size=cfg["image_size"], val_split=cfg["val_split"],
-                                  seed=cfg["seed"], val_source=cfg["val_source"])
+                                  seed=cfg["split_seed"], val_source=cfg["val_source"])
         x, y = mem.x_train, mem.y_train
         if cfg["num_processes"] > 1:  # each process feeds its own shard, batch_size per process
             # Equal shard lengths, so every process runs the same steps with the same batch shapes.
@@ -321,20 +343,19 @@ def _prepare_data(cfg):
             shard = slice(cfg["process_id"], per_process * cfg["num_processes"], cfg["num_processes"])
             x, y = x[shard], y[shard]
             batch //= cfg["num_processes"]
-        if cfg["steps_per_epoch"]:
-            # A random stratified subset, not a prefix: the arrays are ordered by class.
-            keep = _subset(len(y), int(cfg["steps_per_epoch"]) * batch, y, cfg["seed"])
-            x, y = x[keep], y[keep]
+        steps = len(y) // batch
+        if steps_cap:
+            steps = min(steps, steps_cap)
         xv, yv = mem.x_val, mem.y_val
         if cfg["val_steps"]:
-            keep = _subset(len(yv), int(cfg["val_steps"]) * batch, yv, cfg["seed"])
+            # A random stratified subset, not a prefix: the arrays are ordered by class.
+            keep = _subset(len(yv), int(cfg["val_steps"]) * batch, yv, cfg["split_seed"])
             xv, yv = xv[keep], yv[keep]
-        train = ({"images": x, "labels": y}, y)
         val = ({"images": xv, "labels": yv}, yv) if len(yv) else None
-        steps = math.ceil(len(y) / batch)
         info = dict(class_names=mem.class_names, num_train=len(y), num_val=len(yv), skipped=mem.skipped,
                     steps_per_epoch=steps)
-        return train, val, dict(batch_size=batch, shuffle=True, steps_per_epoch=steps), info
+        stream = array_batches(x, y, batch, cfg["seed"])
+        return stream, val, dict(validation_batch_size=batch, steps_per_epoch=steps, shuffle=False), info
 
     try:
         import tensorflow as tf
@@ -345,7 +366,7 @@ def _prepare_data(cfg):
         ) from None
 
     src = data.load_source(cfg["data"], val_split=cfg["val_split"], val_source=cfg["val_source"],
-                           seed=cfg["seed"], data_dir=cfg["data_dir"], download=cfg["download"])
+                           seed=cfg["split_seed"], data_dir=cfg["data_dir"], download=cfg["download"])
     n = src.num_classes
     common = dict(image_size=cfg["image_size"], batch_size=batch, seed=cfg["seed"], crop_pct=cfg["crop_pct"],
                   interpolation=cfg["interpolation"])
@@ -357,8 +378,8 @@ def _prepare_data(cfg):
         train = data.make_dataset(src.train, training=True, image_map=image_map, repeat=True, **common)
         train = train.map(lambda x, y: ({"images": x, "labels": y}, y))
     steps = src.num_train // batch
-    if cfg["steps_per_epoch"]:
-        steps = min(steps, int(cfg["steps_per_epoch"]))
+    if steps_cap:
+        steps = min(steps, steps_cap)
     val = None
     if src.val is not None:
         val = data.make_dataset(src.val, training=False, **common)

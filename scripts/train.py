@@ -50,6 +50,9 @@ def build_parser():
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=None, help="TFDS may download")
     g.add_argument("--val-split", type=_split, help="fraction (0.1) or image count (5000) held out, stratified")
     g.add_argument("--val-source", help="separate validation folder, or TFDS split name")
+    g.add_argument("--split-seed", type=int,
+                   help="seed of the stratified --val-split (default 0; independent of --seed, so runs with "
+                        "different seeds are scored on the same images)")
     g.add_argument("--in-memory", action="store_true", default=None,
                    help="decode once to uint8 arrays (cached .npy), no tf.data; needs --augment-on device")
     g.add_argument("--image-size", type=int)
@@ -69,9 +72,10 @@ def build_parser():
     g.add_argument("--hflip", type=float, help="0 or 0.5")
     g.add_argument("--randaug-n", type=int, help="RandAugment ops per image (0 = off)")
     g.add_argument("--randaug-m", type=float, help="RandAugment magnitude on --randaug-scale")
-    g.add_argument("--randaug-mstd", type=float, help="magnitude noise std (keras_cv impl)")
-    g.add_argument("--randaug-scale", choices=["timm", "torchvision"], help="timm: 0-10, torchvision: 0-30")
-    g.add_argument("--randaug-factor", type=float, help="Keras RandAugment factor, overrides the mapping")
+    g.add_argument("--randaug-mstd", type=float, help="timm magnitude noise std (mstd)")
+    g.add_argument("--randaug-scale", choices=["timm", "torchvision"],
+                   help="timm: rand-m{m}-mstd{mstd}-inc1 (0-10, each op with p 0.5); "
+                        "torchvision: RandAugment(n, m) with 31 bins (0-30)")
     g.add_argument("--color-jitter", type=float)
     g.add_argument("--reprob", type=float, help="random erasing probability")
     g.add_argument("--mixup", dest="mixup_alpha", type=float, help="MixUp alpha (0 = off)")
@@ -79,7 +83,8 @@ def build_parser():
     g.add_argument("--mix-prob", type=float)
     g.add_argument("--switch-prob", type=float)
     g.add_argument("--label-smoothing", "--smoothing", dest="label_smoothing", type=float)
-    g.add_argument("--augment-impl", choices=["keras", "keras_cv"])
+    g.add_argument("--augment-impl", choices=["convmixer", "keras_cv"],
+                   help="convmixer (default): torchvision/timm RandAugment and timm erasing; keras_cv: keras-cv 0.9's")
     g.add_argument("--augment-on", choices=["host", "device"])
     g = p.add_argument_group("scale")
     g.add_argument("--strategy", choices=list(training.STRATEGIES))

@@ -188,30 +188,17 @@ def test_labels_only_smoothing_when_mixing_off():
     np.testing.assert_allclose(to_numpy(targets), want, atol=1e-6)
 
 
-def test_randaugment_signed_ops_draw_both_signs():
-    # timm picks the sign of rotate/shear/translate/brightness/contrast at random; Keras's own
-    # RandAugment only moves one way. Sample the sub-layers' own draws.
-    layer = aug.SignedRandAugment(value_range=(0, 255), num_ops=2, factor=0.075, seed=3)
-    images = np.zeros((256, 8, 8, 3), "float32")
-    rotation = to_numpy(layer.random_rotation.get_random_transformation(images, training=True)["angle"])
-    assert rotation.min() < -0.5 * 27 and rotation.max() > 0.5 * 27  # degrees, +-0.075*360
-    shifts = to_numpy(layer.random_translation.get_random_transformation(images, training=True)["translations"])
-    assert (shifts.min(axis=0) < 0).all() and (shifts.max(axis=0) > 0).all()
-    assert layer.random_shear.x_factor == (-0.075, 0.075)
-    assert layer.random_brightness.factor == (-0.075, 0.075)
-    assert layer.random_contrast.factor == (0.075, 0.075)
+def test_recipes_build_the_libraries_randaugment():
+    cifar = aug.make_randaugment(resolve_config("cifar10", dict(output_dir="unused")))
+    assert (cifar.policy, cifar.num_ops, cifar.magnitude, cifar.num_magnitude_bins, cifar.prob, cifar.fill) == (
+        "torchvision", 2, 12, 31, 1.0, (0.0, 0.0, 0.0))
+    imagenet = aug.make_randaugment(resolve_config("imagenet", dict(output_dir="unused")))
+    # rand-m9-mstd0.5-inc1 with create_transform's fill: round(255 * ImageNet mean).
+    assert (imagenet.policy, imagenet.num_ops, imagenet.magnitude, imagenet.magnitude_std, imagenet.prob,
+            imagenet.increasing, imagenet.fill) == ("timm", 2, 9.0, 0.5, 0.5, True, (124.0, 116.0, 104.0))
 
 
-def test_randaugment_magnitude_mapping():
-    # timm m9 of 10 and torchvision m12 of 30, mapped by rotation range (30 deg at full magnitude).
-    assert aug.randaugment_factor(9, "timm") == pytest.approx(0.9 * 30 / 360)
-    assert aug.randaugment_factor(12, "torchvision") == pytest.approx(0.4 * 30 / 360)
-    assert resolve_config("imagenet")["randaug_factor"] == pytest.approx(0.075)
-    with pytest.raises(ValueError, match="scale"):
-        aug.randaugment_factor(9, "bogus")
-
-
-@pytest.mark.parametrize("impl", ["keras", "keras_cv"])
+@pytest.mark.parametrize("impl", ["convmixer", "keras_cv"])
 def test_host_image_map_in_tf_data(impl):
     tf = pytest.importorskip("tensorflow")
     if impl == "keras_cv":
@@ -223,7 +210,8 @@ def test_host_image_map_in_tf_data(impl):
     ds = tf.data.Dataset.from_tensors(image).repeat(6).map(image_map)
     outs = np.stack([x.numpy() for x in ds])
     assert outs.shape == (6, 14, 14, 3) and outs.dtype == np.float32
-    assert outs.min() >= -1e-3 and outs.max() <= 255 + 1e-3  # erasing's noise is clipped too
+    # timm's erasing noise is N(0, 1) after normalisation: a few pixels may leave [0, 255].
+    assert -5 * 255 < outs.min() and outs.max() < 6 * 255 and np.median(outs) > 0
     assert len({o.tobytes() for o in outs}) == 6  # random per image
 
 

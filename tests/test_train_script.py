@@ -119,5 +119,19 @@ def test_in_memory_subset_is_stratified_and_random():
     keep = training._subset(len(labels), 40, labels, seed=0)
     assert len(keep) == len(set(keep)) == 40
     assert np.bincount(labels[keep], minlength=4).tolist() == [10, 10, 10, 10]
-    assert not np.array_equal(np.sort(keep), np.arange(40))
     assert not np.array_equal(keep, np.sort(keep))  # shuffled, not in class order
+
+
+def test_in_memory_stream_draws_every_image_across_short_epochs():
+    # 10 images by class, batch 4: short epochs must continue through shuffled passes (as the tf.data
+    # path's repeated shuffle), not replay a prefix or a fixed subset.
+    images = np.arange(10, dtype="uint8").reshape(10, 1, 1, 1) * np.ones((1, 2, 2, 3), "uint8")
+    labels = np.arange(10, dtype="int32")
+    stream = training.array_batches(images, labels, 4, seed=0)
+    drawn = [next(stream) for _ in range(5)]  # 20 images: two whole passes
+    seen = np.concatenate([y for _, y in drawn])
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert seen[:10].tolist() != list(range(10))  # shuffled
+    for x, y in drawn:  # images travel with their labels
+        np.testing.assert_array_equal(x["images"][:, 0, 0, 0], y)
+        np.testing.assert_array_equal(x["labels"], y)
