@@ -38,7 +38,7 @@ TRAIN_ARGS ?=
 train: install
 	$(PY) scripts/train.py --recipe demo $(TRAIN_ARGS)
 
-# Depthwise-conv and model throughput, keras vs fast side by side (meant for a GPU).
+# Depthwise-conv and model throughput, every implementation beside PyTorch (see README, Speed).
 BENCH_ARGS ?=
 bench: install
 	KERAS_BACKEND=jax $(PY) scripts/benchmark.py $(BENCH_ARGS)

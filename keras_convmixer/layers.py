@@ -150,9 +150,11 @@ class ConvMixerBlock(layers.Layer):
 
     ``depthwise_impl`` picks how the depthwise convolution runs (see
     ``keras_convmixer.ops.depthwise``): ``"keras"`` calls the ``depthwise``
-    sublayer, ``"fast"`` runs the Pallas kernel (JAX only) on that sublayer's
-    kernel and bias, ``"auto"`` takes ``"fast"`` only where it was measured
-    faster. Weights and names are the same, so checkpoints are interchangeable.
+    sublayer, ``"xla"`` (JAX: shifted multiply-adds with hand-written gradients)
+    and ``"fast"`` (JAX: the Pallas kernel) run on that sublayer's kernel and
+    bias, and ``"auto"`` takes the implementation measured fastest on this
+    backend and platform. Weights and names are the same, so checkpoints are
+    interchangeable.
 
     ``initializer="torch"`` (default) draws both convs' kernels and biases as
     PyTorch's ``nn.Conv2d`` does, U(+-1/sqrt(fan_in)) with fan_in = k * k for
@@ -217,11 +219,13 @@ class ConvMixerBlock(layers.Layer):
             sublayer.build(input_shape)
 
     def call(self, inputs, training=None):
-        if resolve_impl(self.depthwise_impl) == "fast":
-            dw = self.depthwise
-            depthwise_out = depthwise_conv2d(inputs, dw.kernel, dw.bias, impl="fast")
-        else:
+        impl = resolve_impl(self.depthwise_impl)
+        if impl == "keras":
             depthwise_out = self.depthwise(inputs)
+        else:
+            # The sublayer's own kernel and bias variables, run by the chosen implementation.
+            dw = self.depthwise
+            depthwise_out = depthwise_conv2d(inputs, dw.kernel, dw.bias, impl=impl)
         mixed = self.dw_bn(self._act(depthwise_out), training=training)
         x = inputs + mixed
         return self.pw_bn(self._act(self.pointwise(x)), training=training)

@@ -74,7 +74,7 @@ def ConvMixer(
     pooled features (``"avg"``/``"max"``). ``feature_extractor=True`` returns
     a dict of the stem's and every block's feature maps.
     ``weights`` is ``None`` or the path of a ``.weights.h5``/``.keras`` file.
-    ``depthwise_impl`` (``"auto"``/``"fast"``/``"keras"``) is passed to every
+    ``depthwise_impl`` (``"auto"``/``"keras"``/``"xla"``/``"fast"``) is passed to every
     ``ConvMixerBlock``; it changes how the depthwise convolution runs, not the weights.
     ``initializer="torch"`` (default) starts every conv and the head as PyTorch's
     ``nn.Conv2d``/``nn.Linear`` do, U(+-1/sqrt(fan_in)) for kernels and biases, which

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: argument errors, and the measurements it yields on a tiny model."""
+"""scripts/benchmark.py: argument errors, defaults, and what one tiny run prints."""
 
 import importlib.util
 import json
@@ -7,9 +7,8 @@ from pathlib import Path
 import keras
 import pytest
 
-from keras_convmixer.benchmark import model_config, run_benchmarks
-
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+BACKEND = keras.backend.backend()
 
 
 def _load_script():
@@ -23,10 +22,12 @@ def _load_script():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--variant", "convmixer_9_9"], "Unknown model"),
+        (["--train-model", "convmixer_9_9"], "Unknown model"),
         (["--impls", "keras,triton"], "--impls takes"),
-        (["--batch-size", "0"], "positive integer"),
-        (["--variant", "convmixer_256_8", "--image-size", "33"], "not a multiple of the patch size"),
+        (["--what", "op,speed"], "--what takes"),
+        (["--train-batch-size", "0"], "positive integer"),
+        (["--op-shape", "8,32,256"], "batch,tokens,channels,kernel"),
+        (["--infer-model", "convmixer_256_8", "--infer-image-size", "33"], "not a multiple of the patch size"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(argv, message, capsys):
@@ -37,27 +38,49 @@ def test_cli_errors_are_one_line_exit_2(argv, message, capsys):
     assert len(error_lines) == 1 and message in error_lines[0]
 
 
-def test_cli_defaults_are_the_issue_target():
+def test_cli_defaults_are_the_cpu_comparison():
     args = _load_script().parse_args([])
-    assert (args.config["dim"], args.config["kernel_size"], args.image_size // args.config["patch_size"]) == (
-        1536, 9, 32
+    assert args.op_shape == dict(batch_size=8, tokens=32, dim=256, kernel_size=9)
+    train, infer = args.train, args.infer
+    assert (train["config"]["dim"], train["config"]["depth"], train["batch_size"], train["image_size"]) == (
+        256, 8, 64, 32
     )
-    assert (args.batch_size, args.precision, args.impls) == (64, "bfloat16", ["keras", "fast"])
+    assert (infer["config"]["dim"], infer["config"]["depth"], infer["batch_size"], infer["image_size"]) == (
+        1024, 20, 16, 224
+    )
+    assert args.precision == "float32" and args.what == ["op", "train", "inference"]
+    # Pallas's CPU interpreter is not timed by default; "xla" is, wherever the backend is.
+    assert args.impls[:2] == ["keras", "xla"]
 
 
-def test_tiny_run_yields_one_record_per_measurement():
-    config = model_config("convmixer_256_8", dim=8, depth=1, kernel_size=3)
-    records = list(
-        run_benchmarks(
-            config, impls=["keras", "fast"] if keras.backend.backend() != "jax" else ["keras"],
-            what="all", batch_size=2, image_size=8, precision="float32", steps=1, warmup=0,
-        )
-    )
-    json.dumps(records)  # every record is one JSON line
-    measured = {r["measurement"]: r for r in records if r["depthwise_impl"] == "keras"}
-    assert set(measured) == {"op_forward", "op_forward_backward", "train", "inference"}
-    assert measured["train"]["images_per_s"] > 0 and measured["op_forward"]["ms"] > 0
-    assert all(r["backend"] == keras.backend.backend() and r["tokens"] == 4 for r in records)
-    if keras.backend.backend() != "jax":
-        (skipped,) = [r for r in records if r["depthwise_impl"] == "fast"]
-        assert skipped["measurement"] == "skipped" and "needs the JAX backend" in skipped["reason"]
+def test_tiny_run_prints_every_measurement_and_a_table(capsys):
+    torch_installed = importlib.util.find_spec("torch") is not None
+    argv = ["--op-shape", "2,6,8,5", "--dim", "8", "--depth", "1", "--train-batch-size", "2",
+            "--infer-batch-size", "2", "--train-image-size", "8", "--infer-image-size", "28",
+            "--steps", "1", "--warmup", "0"]
+    records = _load_script().main(argv)
+    printed = capsys.readouterr().out
+    json_lines = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    assert json_lines == records
+
+    ours = [r for r in records if r["backend"] == BACKEND]
+    measured = {(r["depthwise_impl"], r["measurement"]): r for r in ours}
+    expected = {"op_forward", "op_forward_backward", "train", "inference"}
+    assert {m for impl, m in measured if impl == "keras"} == expected
+    if BACKEND == "jax":
+        assert {m for impl, m in measured if impl == "xla"} == expected
+    else:
+        skipped = measured["xla", "skipped"]
+        assert "needs the JAX backend" in skipped["reason"]
+    assert measured["keras", "train"]["images_per_s"] > 0 and measured["keras", "op_forward"]["ms"] > 0
+    assert measured["keras", "train"]["tokens"] == 4 and measured["keras", "inference"]["tokens"] == 2
+    assert measured["keras", "op_forward"]["tokens"] == 6
+
+    reference = {(r["depthwise_impl"], r["measurement"]) for r in records if r["backend"] == "pytorch"}
+    if torch_installed:
+        assert reference == {(layout, m) for layout in ("pytorch_nchw", "pytorch_channels_last") for m in expected}
+    # The closing table has a column per implementation and a row per measurement.
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    header = table[0]
+    assert f"{BACKEND}:keras" in header and (not torch_installed or "pytorch:pytorch_channels_last" in header)
+    assert len(table) == 2 + 4

@@ -1,5 +1,6 @@
-"""The depthwise op: the Pallas path (JAX, interpreter on CPU) against keras.ops.depthwise_conv
-and a NumPy reference, ``depthwise_impl`` on ConvMixerBlock/ConvMixer, and the non-JAX behaviour."""
+"""The depthwise op: the Pallas path (JAX, interpreter on CPU) and the XLA shift-and-add path
+against keras.ops.depthwise_conv and a NumPy reference, ``depthwise_impl`` on ConvMixerBlock/ConvMixer,
+what "auto" picks, and the non-JAX behaviour."""
 
 import keras
 import numpy as np
@@ -8,10 +9,11 @@ import pytest
 from keras_convmixer.layers import ConvMixerBlock
 from keras_convmixer.models import ConvMixer
 from keras_convmixer.ops import IMPLS, depthwise_conv2d, resolve_impl
+from keras_convmixer.ops.depthwise import AUTO_IMPL
 
 BACKEND = keras.backend.backend()
-jax_only = pytest.mark.skipif(BACKEND != "jax", reason="the fast (Pallas) path exists on the JAX backend only")
-not_jax = pytest.mark.skipif(BACKEND == "jax", reason="checks the non-JAX behaviour of depthwise_impl='fast'")
+jax_only = pytest.mark.skipif(BACKEND != "jax", reason="the fast and xla paths exist on the JAX backend only")
+not_jax = pytest.mark.skipif(BACKEND == "jax", reason="checks the non-JAX behaviour of the JAX-only impls")
 
 
 def numpy_depthwise_same(x, kernel, bias):
@@ -70,11 +72,12 @@ CASES = [(k, dtype) for k in sorted(SHAPES) for dtype in ("float32", "bfloat16")
 
 
 @jax_only
+@pytest.mark.parametrize("impl", ["fast", "xla"])
 @pytest.mark.parametrize("k,dtype", CASES)
-def test_fast_forward_and_grads_match_keras(k, dtype):
+def test_fast_forward_and_grads_match_keras(k, dtype, impl):
     shape = SHAPES[k]
     x, kernel, bias, cotangent = _inputs(shape, k, dtype, seed=k)
-    fast = _value_and_grads("fast", x, kernel, bias, cotangent, dtype)
+    fast = _value_and_grads(impl, x, kernel, bias, cotangent, dtype)
     names = ("output", "dx", "dkernel", "dbias")
     if dtype == "float32":
         ref = _value_and_grads("keras", x, kernel, bias, cotangent, dtype)
@@ -106,15 +109,16 @@ def _tiny_convmixer(impl):
 
 
 @jax_only
-def test_whole_model_same_outputs_and_same_update():
+@pytest.mark.parametrize("impl", ["fast", "xla"])
+def test_whole_model_same_outputs_and_same_update(impl):
     from tests.helpers import randomize_batchnorm
 
-    models = {impl: _tiny_convmixer(impl) for impl in ("keras", "fast")}
+    models = {name: _tiny_convmixer(name) for name in ("keras", impl)}
     randomize_batchnorm(models["keras"], seed=3)
     weights = models["keras"].get_weights()
-    models["fast"].set_weights(weights)
+    models[impl].set_weights(weights)
     # Same variable paths: a checkpoint of one loads into the other by name.
-    assert [v.path.split("/", 1)[1] for v in models["fast"].weights] == [
+    assert [v.path.split("/", 1)[1] for v in models[impl].weights] == [
         v.path.split("/", 1)[1] for v in models["keras"].weights
     ]
 
@@ -122,14 +126,14 @@ def test_whole_model_same_outputs_and_same_update():
     images = rng.uniform(0, 255, (2, 10, 14, 3)).astype(np.float32)
     labels = np.array([0, 2])
     outputs, updated = {}, {}
-    for impl, model in models.items():
-        outputs[impl] = keras.ops.convert_to_numpy(model(images, training=False))
+    for name, model in models.items():
+        outputs[name] = keras.ops.convert_to_numpy(model(images, training=False))
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(True))
         model.train_on_batch(images, labels)
-        updated[impl] = model.get_weights()
-    np.testing.assert_allclose(outputs["fast"], outputs["keras"], rtol=1e-5, atol=1e-5)
+        updated[name] = model.get_weights()
+    np.testing.assert_allclose(outputs[impl], outputs["keras"], rtol=1e-5, atol=1e-5)
     moved = 0
-    for before, fast, ref in zip(weights, updated["fast"], updated["keras"], strict=True):
+    for before, fast, ref in zip(weights, updated[impl], updated["keras"], strict=True):
         np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
         moved += not np.allclose(ref, before)
     assert moved >= len(weights) // 2  # the step did change the weights it compares
@@ -147,11 +151,22 @@ def test_depthwise_impl_is_serialized_and_validated():
         depthwise_conv2d(np.zeros((1, 4, 4, 3), "float32"), np.zeros((3, 2, 3), "float32"), impl="keras")
 
 
-def test_auto_means_keras_until_measured_faster():
-    # Nothing has been measured faster on any device yet, and this CI runs on CPU.
-    assert IMPLS == ("auto", "fast", "keras")
-    assert resolve_impl("auto") == "keras"
+def test_auto_follows_the_measured_table():
+    assert IMPLS == ("auto", "fast", "keras", "xla")
     assert resolve_impl("keras") == "keras"
+    # Only measured pairs are listed, and no GPU has been measured.
+    assert set(AUTO_IMPL.values()) <= {"fast", "keras", "xla"}
+    assert not [pair for pair in AUTO_IMPL if pair[1] == "gpu"]
+    if BACKEND == "jax":
+        import jax
+
+        platform = jax.default_backend()
+        assert resolve_impl("auto") == AUTO_IMPL.get(("jax", platform), "keras")
+        if platform == "cpu":
+            assert resolve_impl("auto") == "xla"  # measured faster than XLA's grouped conv on CPU
+    else:
+        # torch and TensorFlow keep their native depthwise convolution.
+        assert resolve_impl("auto") == "keras"
 
 
 @not_jax
@@ -163,12 +178,51 @@ def test_fast_outside_jax_is_a_clear_error():
     x = np.zeros((1, 4, 4, 3), "float32")
     with pytest.raises(ValueError, match="needs the JAX backend"):
         depthwise_conv2d(x, np.ones((3, 3, 3), "float32"), impl="fast")
+    with pytest.raises(ValueError, match="depthwise_impl='xla' needs the JAX backend"):
+        depthwise_conv2d(x, np.ones((3, 3, 3), "float32"), impl="xla")
+    with pytest.raises(ValueError, match="depthwise_impl='xla' needs the JAX backend"):
+        ConvMixerBlock(8, 3, depthwise_impl="xla")
 
 
 @jax_only
 def test_fast_resolves_on_jax():
     assert resolve_impl("fast") == "fast"
     assert ConvMixerBlock(8, 3, depthwise_impl="fast").depthwise_impl == "fast"
+
+
+@jax_only
+def test_xla_accepts_keras_kernel_layout_and_no_bias():
+    x, kernel, _, _ = _inputs((2, 6, 5, 4), 4, "float32", seed=2)
+    got = keras.ops.convert_to_numpy(depthwise_conv2d(x, kernel[..., None], None, impl="xla"))
+    np.testing.assert_allclose(got, numpy_depthwise_same(x, kernel, np.zeros(4)), rtol=1e-5, atol=1e-5)
+
+
+@jax_only
+def test_xla_gradients_are_hand_written_without_a_convolution():
+    """The point of "xla" on CPU is to avoid XLA's grouped convolution in the forward and both
+    gradients; autodiff of the shifted slices would also avoid it but pads k*k cotangents."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(x, kernel, bias):
+        return jnp.sum(depthwise_conv2d(x, kernel, bias, impl="xla") ** 2)
+
+    args = [jnp.zeros(s, jnp.float32) for s in ((2, 9, 9, 8), (5, 5, 8), (8,))]
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args))
+    assert "conv_general_dilated" not in text
+    assert "custom_vjp_call" in text and ("while" in text or "scan" in text)  # the VJP, dkernel's row loop
+
+
+@jax_only
+def test_block_runs_the_resolved_impl():
+    """ConvMixerBlock routes depthwise_impl="xla" to the op (no grouped convolution is traced)."""
+    import jax
+    import jax.numpy as jnp
+
+    block = ConvMixerBlock(8, 5, depthwise_impl="xla")
+    block.build((None, 9, 9, 8))
+    text = str(jax.make_jaxpr(lambda x: block(x, training=False))(jnp.zeros((1, 9, 9, 8), jnp.float32)))
+    assert "feature_group_count=8" not in text and "custom_vjp_call" in text
 
 
 @jax_only

@@ -1,5 +1,5 @@
-"""Custom ops: a depthwise convolution with a fast JAX Pallas path."""
+"""Custom ops: a depthwise convolution with fast JAX paths (XLA shift-and-add, Pallas)."""
 
-from keras_convmixer.ops.depthwise import IMPLS, depthwise_conv2d, resolve_impl
+from keras_convmixer.ops.depthwise import AUTO_IMPL, IMPLS, depthwise_conv2d, resolve_impl
 
-__all__ = ["IMPLS", "depthwise_conv2d", "resolve_impl"]
+__all__ = ["AUTO_IMPL", "IMPLS", "depthwise_conv2d", "resolve_impl"]

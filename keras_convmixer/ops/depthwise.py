@@ -1,26 +1,45 @@
 """``depthwise_conv2d``: a depthwise "same" convolution that picks its implementation.
 
-Two implementations compute the same function:
+Three implementations compute the same function:
 
 * ``"keras"``: ``keras.ops.depthwise_conv`` + bias, on every backend (what
   ``keras.layers.DepthwiseConv2D`` runs).
+* ``"xla"``: ``depthwise_xla``, shifted multiply-adds that XLA fuses into one
+  vectorised loop, with hand-written gradients. JAX backend only; written for
+  CPU, where XLA's grouped convolution is slow.
 * ``"fast"``: the JAX Pallas kernels of ``depthwise_pallas`` (Triton lowering
   on a GPU, Pallas's interpreter on CPU, where it is slow and exists so that
   CI can check it). JAX backend only; there is no torch/TensorFlow kernel.
 
-``"auto"`` takes ``"fast"`` only on a (backend, platform) pair listed in
-``MEASURED_FASTER``, i.e. where ``scripts/benchmark.py`` showed it faster
-than ``"keras"``. No GPU has measured it yet, so the table is empty and
-``"auto"`` means ``"keras"`` everywhere.
+``"auto"`` looks up ``AUTO_IMPL``, one entry per (backend, platform) that
+``scripts/benchmark.py`` measured, and falls back to ``"keras"`` elsewhere.
 """
 
 import keras
 
-IMPLS = ("auto", "fast", "keras")
+IMPLS = ("auto", "fast", "keras", "xla")
 
-# (backend, platform) pairs where the fast kernel was measured faster than
-# keras.ops.depthwise_conv. Add ("jax", "gpu") only after a GPU benchmark run.
-MEASURED_FASTER = frozenset()
+# What "auto" runs on each (backend, platform): the implementation that was
+# fastest in `scripts/benchmark.py` there (docs/benchmarks.md has the full
+# runs). Unlisted pairs run "keras". No GPU has been measured: add ("jax",
+# "gpu") only after a GPU run.
+# Measured 2026-11-25 on the 2-core CPU dev box (shared, load average 5-10),
+# float32, medians, one run:
+#   ("jax", "cpu") -> "xla": depthwise k9 (8, 32, 32, 256) forward 35.0 ms
+#     vs 1292.0 ms "keras" (XLA grouped conv), forward+backward 61.5 vs
+#     12148.1 ms; ConvMixer-256/8 training (32x32, batch 64) 9.48 vs 2.06
+#     img/s. An earlier run: ConvMixer-1024/20 inference (224x224, batch 16)
+#     0.71 vs 0.20 img/s.
+#   tensorflow and torch stay "keras" (no other implementation runs there):
+#     the same op forward+backward took 361.6 ms on TensorFlow's native kernel
+#     (PyTorch channels_last 183.6 ms in that run) and 164.1 ms on Keras-on-
+#     torch (PyTorch channels_last 208.0 ms in that run).
+AUTO_IMPL = {
+    ("jax", "cpu"): "xla",
+}
+
+# Implementations that exist on the JAX backend only.
+_JAX_ONLY = ("fast", "xla")
 
 # jax.default_backend() values the Pallas kernels run on (cpu: interpreter).
 _PALLAS_PLATFORMS = ("cpu", "gpu")
@@ -41,9 +60,16 @@ def validate_impl(impl):
     return impl
 
 
-def fast_path_unavailable_reason():
-    """Why ``"fast"`` cannot run here, or None when it can."""
+def fast_path_unavailable_reason(impl="fast"):
+    """Why ``impl`` (``"fast"`` or ``"xla"``) cannot run here, or None when it can."""
     backend = keras.backend.backend()
+    if impl == "xla":
+        if backend != "jax":
+            return (
+                f"depthwise_impl='xla' needs the JAX backend (it is written in jax.numpy); the backend is "
+                f"{backend!r}. Use depthwise_impl='auto' or 'keras', or set KERAS_BACKEND=jax."
+            )
+        return None
     if backend != "jax":
         return (
             f"depthwise_impl='fast' needs the JAX backend (it is a Pallas kernel); the backend is "
@@ -59,20 +85,20 @@ def fast_path_unavailable_reason():
 
 
 def resolve_impl(impl):
-    """Map ``"auto"|"fast"|"keras"`` to the implementation that runs: ``"fast"`` or ``"keras"``.
+    """Map an entry of ``IMPLS`` to the implementation that runs: ``"fast"``, ``"keras"`` or ``"xla"``.
 
-    ``"fast"`` where it cannot run raises ``ValueError`` (it never silently falls back).
+    ``"fast"``/``"xla"`` where they cannot run raise ``ValueError`` (never a silent fallback).
     """
     validate_impl(impl)
     if impl == "keras":
         return "keras"
-    reason = fast_path_unavailable_reason()
-    if impl == "fast":
+    if impl in _JAX_ONLY:
+        reason = fast_path_unavailable_reason(impl)
         if reason:
             raise ValueError(reason)
-        return "fast"
-    measured = (keras.backend.backend(), _platform()) in MEASURED_FASTER
-    return "fast" if measured and reason is None else "keras"
+        return impl
+    chosen = AUTO_IMPL.get((keras.backend.backend(), _platform()), "keras")
+    return chosen if chosen == "keras" or fast_path_unavailable_reason(chosen) is None else "keras"
 
 
 def depthwise_conv2d(x, kernel, bias=None, impl="auto"):
@@ -83,7 +109,7 @@ def depthwise_conv2d(x, kernel, bias=None, impl="auto"):
         kernel: ``[k, k, C]`` or Keras's depthwise layout ``[k, k, C, 1]``; any odd or
             even ``k`` (even ``k`` pads the extra row/column at the end, as TF and PyTorch).
         bias: ``[C]`` or None.
-        impl: ``"auto"``, ``"fast"`` or ``"keras"`` (see the module docstring).
+        impl: one of ``IMPLS`` (see the module docstring).
     """
     kernel_shape = tuple(kernel.shape)
     if len(kernel_shape) == 4:
@@ -95,7 +121,16 @@ def depthwise_conv2d(x, kernel, bias=None, impl="auto"):
     if len(x.shape) != 4 or x.shape[-1] != kernel_shape[2]:
         raise ValueError(f"x must be [N, H, W, {kernel_shape[2]}] (channels-last), got {tuple(x.shape)}.")
 
-    if resolve_impl(impl) == "fast":
+    resolved = resolve_impl(impl)
+    if resolved == "xla":
+        from keras_convmixer.ops.depthwise_xla import depthwise_conv2d_xla
+
+        x = keras.ops.convert_to_tensor(x)
+        kernel = keras.ops.reshape(keras.ops.convert_to_tensor(kernel), kernel_shape)
+        if bias is None:
+            bias = keras.ops.zeros((kernel_shape[2],), dtype=kernel.dtype)
+        return depthwise_conv2d_xla(x, kernel, keras.ops.convert_to_tensor(bias))
+    if resolved == "fast":
         from keras_convmixer.ops.depthwise_pallas import depthwise_conv2d_pallas
 
         # Variables become arrays here (read inside the caller's autocast scope, so a
