@@ -140,6 +140,8 @@ def resize_crops(images, top, left, crop_h, crop_w, size, bicubic):
     A crop-and-resize along an axis is a matrix product, so each image needs two small matrices
     instead of a per-image resize call: it runs inside a jitted train step on every backend.
     """
+    top, left, crop_h, crop_w = (ops.convert_to_tensor(v, "float32") for v in (top, left, crop_h, crop_w))
+    bicubic = ops.convert_to_tensor(bicubic, "bool")
     height, width = images.shape[1], images.shape[2]
     rows = _axis_weights(top, crop_h, height, size, bicubic)
     cols = _axis_weights(left, crop_w, width, size, bicubic)
@@ -178,10 +180,13 @@ class RandomResizedCrop(keras.layers.Layer):
             height, width = float(images.shape[1]), float(images.shape[2])
             u_try = keras.random.uniform((n, self.attempts, 2), seed=self.seed_generator)
             u_offset = keras.random.uniform((n, 2), seed=self.seed_generator)
-            u_interp = keras.random.uniform((n,), seed=self.seed_generator)
+            u_interp = keras.random.uniform((n,), seed=self.seed_generator)  # drawn always: a fixed seed stream
             top, left, crop_h, crop_w = sample_crop_boxes(u_try, u_offset, height, width, self.scale, self.ratio, ops)
-            bicubic = {"bilinear": u_interp > 2.0, "bicubic": u_interp < 2.0, "random": u_interp < 0.5}
-            return resize_crops(images, top, left, crop_h, crop_w, self.size, bicubic[self.interpolation])
+            if self.interpolation == "random":
+                bicubic = u_interp < 0.5
+            else:
+                bicubic = ops.full((n,), self.interpolation == "bicubic")
+            return resize_crops(images, top, left, crop_h, crop_w, self.size, bicubic)
         if images.shape[1] != self.size or images.shape[2] != self.size:
             images = ops.image.resize(images, (self.size, self.size), antialias=True)
         return images
@@ -267,7 +272,11 @@ def make_randaugment(cfg, seed=None):
     """The recipe's RandAugment: torchvision's (``randaug_scale="torchvision"``, 31 magnitude bins)
     or timm's ``rand-m{m}-mstd{mstd}-inc1`` (each op with probability 0.5, fill = the mean pixel)."""
     if cfg["randaug_scale"] == "torchvision":
-        return RandAugment("torchvision", num_ops=cfg["randaug_n"], magnitude=int(cfg["randaug_m"]),
+        magnitude = float(cfg["randaug_m"])
+        if not magnitude.is_integer():
+            raise ValueError(f"--randaug-m {cfg['randaug_m']} must be a whole bin (0-30) with --randaug-scale "
+                             "torchvision.")
+        return RandAugment("torchvision", num_ops=int(cfg["randaug_n"]), magnitude=int(magnitude),
                            num_magnitude_bins=31, seed=seed)
     # timm's create_transform fills with round(255 * mean) and resamples bilinearly unless told
     # otherwise; with train_interpolation=random timm also draws bicubic per op (not offered here).

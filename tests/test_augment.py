@@ -196,6 +196,8 @@ def test_recipes_build_the_libraries_randaugment():
     # rand-m9-mstd0.5-inc1 with create_transform's fill: round(255 * ImageNet mean).
     assert (imagenet.policy, imagenet.num_ops, imagenet.magnitude, imagenet.magnitude_std, imagenet.prob,
             imagenet.increasing, imagenet.fill) == ("timm", 2, 9.0, 0.5, 0.5, True, (124.0, 116.0, 104.0))
+    with pytest.raises(ValueError, match="whole bin"):
+        aug.make_randaugment(resolve_config("cifar10", dict(randaug_m=12.5, output_dir="unused")))
 
 
 @pytest.mark.parametrize("impl", ["convmixer", "keras_cv"])

@@ -122,24 +122,19 @@ def depthwise_conv2d(x, kernel, bias=None, impl="auto"):
         raise ValueError(f"x must be [N, H, W, {kernel_shape[2]}] (channels-last), got {tuple(x.shape)}.")
 
     resolved = resolve_impl(impl)
-    if resolved == "xla":
-        from keras_convmixer.ops.depthwise_xla import depthwise_conv2d_xla
-
-        x = keras.ops.convert_to_tensor(x)
-        kernel = keras.ops.reshape(keras.ops.convert_to_tensor(kernel), kernel_shape)
-        if bias is None:
-            bias = keras.ops.zeros((kernel_shape[2],), dtype=kernel.dtype)
-        return depthwise_conv2d_xla(x, kernel, keras.ops.convert_to_tensor(bias))
-    if resolved == "fast":
-        from keras_convmixer.ops.depthwise_pallas import depthwise_conv2d_pallas
+    if resolved in ("xla", "fast"):
+        if resolved == "xla":
+            from keras_convmixer.ops.depthwise_xla import depthwise_conv2d_xla as run
+        else:
+            from keras_convmixer.ops.depthwise_pallas import depthwise_conv2d_pallas as run
 
         # Variables become arrays here (read inside the caller's autocast scope, so a
-        # mixed-precision layer passes its compute dtype); the kernel needs jax arrays.
+        # mixed-precision layer passes its compute dtype); the JAX kernels need jax arrays.
         x = keras.ops.convert_to_tensor(x)
         kernel = keras.ops.reshape(keras.ops.convert_to_tensor(kernel), kernel_shape)
         if bias is None:
             bias = keras.ops.zeros((kernel_shape[2],), dtype=kernel.dtype)
-        return depthwise_conv2d_pallas(x, kernel, keras.ops.convert_to_tensor(bias))
+        return run(x, kernel, keras.ops.convert_to_tensor(bias))
 
     kernel = keras.ops.reshape(kernel, (*kernel_shape, 1))
     y = keras.ops.depthwise_conv(x, kernel, strides=1, padding="same", data_format="channels_last")
