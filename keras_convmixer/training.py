@@ -428,13 +428,53 @@ class ThroughputLogger(keras.callbacks.Callback):
             logs["epoch_time_s"] = now - self._start
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; nothing from that epoch was saved."""
+
+
+class FiniteGuard(keras.callbacks.Callback):
+    """At each epoch's end, checks that the loss and every float weight are finite. When they are not
+    it stops training and records the epoch; the backup and the checkpoints consult ``ok`` first,
+    so non-finite weights are never written (a resume then starts from the last finite epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.diverged_epoch = None
+
+    @property
+    def ok(self):
+        return self.diverged_epoch is None
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        finite = loss is not None and math.isfinite(float(loss)) and all(
+            bool(ops.convert_to_numpy(ops.all(ops.isfinite(w))))
+            for w in self.model.weights if "float" in str(w.dtype))
+        if not finite:
+            self.diverged_epoch = epoch + 1
+            self.model.stop_training = True
+
+
+class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that skips the backup of an epoch whose weights are not finite."""
+
+    def __init__(self, guard, backup_dir, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.guard = guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.ok:
+            super().on_epoch_end(epoch, logs)
+
+
 class ClassifierCheckpoint(keras.callbacks.Callback):
     """Saves the bare classifier (not a training wrapper) as ``last.keras`` every epoch and
-    ``best.keras`` when ``monitor`` improves; the best value survives a resume in ``best.json``."""
+    ``best.keras`` when ``monitor`` improves; the best value survives a resume in ``best.json``.
+    With a ``guard``, an epoch whose weights are not finite is not saved."""
 
-    def __init__(self, classifier, run_dir, monitor="val_top1"):
+    def __init__(self, classifier, run_dir, monitor="val_top1", guard=None):
         super().__init__()
-        self.classifier, self.run_dir, self.monitor = classifier, run_dir, monitor
+        self.classifier, self.run_dir, self.monitor, self.guard = classifier, run_dir, monitor, guard
         self._state_path = os.path.join(run_dir, "best.json")
 
     def _best(self):
@@ -444,6 +484,8 @@ class ClassifierCheckpoint(keras.callbacks.Callback):
         return -math.inf
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard is not None and not self.guard.ok:
+            return
         logs = logs or {}
         self.classifier.save(os.path.join(self.run_dir, "last.keras"))
         value = logs.get(self.monitor, logs.get("top1"))
@@ -602,13 +644,15 @@ def train(config):
             json.dump(cfg, f, indent=2, default=str)
 
         history_path = os.path.join(run_dir, "history.csv")
+        guard = FiniteGuard()
         callbacks = [
             LearningRateLogger(),
             ThroughputLogger(int(cfg["batch_size"])),
             keras.callbacks.TerminateOnNaN(),
+            guard,  # before everything that saves
             # Before CSVLogger: once an epoch's CSV row exists its backup does too.
-            keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"), delete_checkpoint=False),
-            ClassifierCheckpoint(classifier, run_dir, "val_top1" if val_data is not None else "top1"),
+            GuardedBackupAndRestore(guard, os.path.join(run_dir, "backup"), delete_checkpoint=False),
+            ClassifierCheckpoint(classifier, run_dir, "val_top1" if val_data is not None else "top1", guard),
             keras.callbacks.CSVLogger(history_path, append=True),
             *_tensorboard(run_dir),
         ]
@@ -629,6 +673,13 @@ def train(config):
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
+    if not guard.ok:
+        last = os.path.join(run_dir, "last.keras")
+        kept = (f"the last finite checkpoint is {last} (epoch {guard.diverged_epoch - 1})"
+                if guard.diverged_epoch > 1 and os.path.exists(last) else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged at epoch {guard.diverged_epoch}: the loss or weights became "
+                               f"non-finite (lower --lr, or set --clip-norm); nothing from that epoch was saved, "
+                               f"{kept}.")
     rows = read_history(history_path)
     plot_curves(rows, os.path.join(run_dir, "curves.png"))
     last = rows[-1] if rows else {}

@@ -8,7 +8,6 @@ own validation split).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -32,7 +31,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from keras_convmixer.cli import USER_ERRORS, fail
+    from keras_convmixer.cli import USER_ERRORS, fail, json_text
 
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -43,7 +42,7 @@ def main(argv=None):
             args.model, args.data, split=args.split, val_split=args.val_split, val_source=args.val_source,
             seed=args.seed, batch_size=args.batch_size, data_dir=args.data_dir,
         )
-        text = json.dumps(report, indent=2)
+        text = json_text(report)
         if args.report:
             with open(args.report, "w") as f:
                 f.write(text + "\n")

@@ -7,7 +7,6 @@ from the run's config.json (or the export's export.json).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from keras_convmixer.cli import USER_ERRORS, fail
+    from keras_convmixer.cli import USER_ERRORS, fail, json_text
 
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
@@ -34,7 +33,7 @@ def main(argv=None):
 
     try:
         results = predict(args.model, args.images, top_k=args.top_k)
-        text = json.dumps(results, indent=2)
+        text = json_text(results)
         if args.output:
             with open(args.output, "w") as f:
                 f.write(text + "\n")

@@ -111,6 +111,8 @@ def main(argv=None):
 
     try:
         training.train(config)
+    except training.TrainingDiverged as err:  # not a usage error: exit 1, one line
+        parser.exit(1, f"{parser.prog}: {err}\n")
     except USER_ERRORS as err:
         fail(parser, err)
 

@@ -281,3 +281,13 @@ def test_convert_timm_then_export_keras(capsys, tmp_path):
     assert meta["input"]["crop_pct"] == 0.96 and meta["input"]["interpolation"] == "bicubic"
     assert os.path.isfile(tmp_path / "conv" / "model.weights.h5")
     del torch
+
+
+def test_reports_are_strict_json_even_for_non_finite_scores():
+    from keras_convmixer.cli import json_text
+
+    text = json_text([{"file": "a.png", "top_k": [{"class": "cat", "score": float("nan")}]},
+                      {"loss": float("inf"), "top1": 0.5, "per_class": (1.0, float("-inf"))}])
+    assert json.loads(text) == [{"file": "a.png", "top_k": [{"class": "cat", "score": None}]},
+                                {"loss": None, "top1": 0.5, "per_class": [1.0, None]}]
+    assert "NaN" not in text and "Infinity" not in text
