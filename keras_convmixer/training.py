@@ -113,16 +113,60 @@ def resolve_config(recipe="demo", overrides=None):
     return cfg
 
 
+# The valid range of every numeric setting: (low, high, low included, high included). None (unset)
+# passes for the optional ones; the message names the flag, the value and the range.
+_RANGES = dict(
+    epochs=(1, math.inf, True, False), batch_size=(1, math.inf, True, False), image_size=(1, math.inf, True, False),
+    dim=(1, math.inf, True, False), depth=(1, math.inf, True, False), kernel_size=(1, math.inf, True, False),
+    patch_size=(1, math.inf, True, False), lr=(0, math.inf, False, False), weight_decay=(0, math.inf, True, False),
+    epsilon=(0, math.inf, False, False), clip_norm=(0, math.inf, True, False), warmup_epochs=(0, math.inf, True, False),
+    dropout=(0, 1, True, False), label_smoothing=(0, 1, True, False), hflip=(0, 1, True, True),
+    reprob=(0, 1, True, True), mix_prob=(0, 1, True, True), switch_prob=(0, 1, True, True),
+    mixup_alpha=(0, math.inf, True, False), cutmix_alpha=(0, math.inf, True, False),
+    color_jitter=(0, 1, True, True), randaug_n=(0, math.inf, True, False), randaug_m=(0, math.inf, True, False),
+    randaug_mstd=(0, math.inf, True, False), crop_pct=(0, 1, False, True), num_processes=(1, math.inf, True, False),
+    logical_cpus=(1, math.inf, True, False), steps_per_epoch=(1, math.inf, True, False),
+    val_steps=(1, math.inf, True, False), seed=(0, math.inf, True, False), split_seed=(0, math.inf, True, False),
+)
+_INTEGERS = ("epochs", "batch_size", "image_size", "dim", "depth", "kernel_size", "patch_size", "randaug_n",
+             "num_processes", "logical_cpus", "steps_per_epoch", "val_steps", "seed", "split_seed")
+
+
+def _check_ranges(cfg):
+    for key, (lo, hi, lo_in, hi_in) in _RANGES.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{flag} must be a number, got {value!r}.")
+        if key in _INTEGERS and not float(value).is_integer():
+            raise ValueError(f"{flag} must be a whole number, got {value!r}.")
+        inside = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+        if not inside or math.isnan(value):
+            bounds = f"{'[' if lo_in else '('}{lo}, {hi if hi != math.inf else 'inf'}{']' if hi_in else ')'}"
+            raise ValueError(f"{flag} {value} is out of range: it must be in {bounds}.")
+    for key in ("crop_scale", "crop_ratio"):
+        lo, hi = (float(v) for v in cfg[key])
+        top = 1.0 if key == "crop_scale" else math.inf
+        if not 0 < lo <= hi <= top:
+            raise ValueError(f"--{key.replace('_', '-')} {lo},{hi} must be two numbers with 0 < low <= high"
+                             f"{' <= 1' if top == 1.0 else ''}.")
+    val_split = cfg["val_split"]
+    if not (0 <= val_split < 1 or (val_split >= 1 and math.isfinite(val_split) and float(val_split).is_integer())):
+        raise ValueError(f"--val-split {val_split} must be a fraction in [0, 1) or a whole number of images.")
+    if not 0 <= int(cfg["process_id"]) < int(cfg["num_processes"]):
+        raise ValueError(f"--process-id {cfg['process_id']} must be in [0, --num-processes {cfg['num_processes']}).")
+
+
 def _check(cfg):
     if cfg["model"] == "custom" and None in (cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"]):
         raise ValueError("--model custom needs --dim, --depth, --kernel-size and --patch-size.")
+    _check_ranges(cfg)
     size, patch = int(cfg["image_size"]), int(cfg["patch_size"])
-    if size <= 0 or size % patch:
+    if size % patch:
         raise ValueError(f"--image-size {size} is not divisible by the patch size {patch}: use a multiple of "
                          f"{patch} (e.g. {max(size - size % patch, patch)}).")
-    for key in ("epochs", "batch_size"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}.")
     if cfg["strategy"] not in STRATEGIES:
         raise ValueError(f"Unknown strategy {cfg['strategy']!r}. Available: {', '.join(STRATEGIES)}.")
     backend = keras.backend.backend()

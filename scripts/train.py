@@ -9,6 +9,7 @@ Choose the backend with KERAS_BACKEND. Re-running with the same --output-dir res
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,7 +28,9 @@ def _pair(text):
 
 def _split(text):
     value = float(text)
-    return int(value) if value >= 1 else value
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole number of images, got {text!r}")
+    return int(value) if value >= 1 and value.is_integer() else value
 
 
 def build_parser():

@@ -196,6 +196,19 @@ def test_resume_after_sigkill(tmp_path):
     (["--data", "folder:/no/such/folder"], "does not exist"),
     (["--strategy", "mirrored" if BACKEND != "tensorflow" else "data-parallel"], "needs KERAS_BACKEND="),
     (["--in-memory", "--augment-on", "host"], "--augment-on device"),
+    (["--lr", "-1"], "--lr -1.0 is out of range: it must be in (0, inf)"),
+    (["--val-split", "1.5"], "--val-split 1.5 must be a fraction in [0, 1) or a whole number"),
+    (["--val-split", "inf"], "expected a fraction in [0, 1) or a whole number of images"),
+    (["--patch-size", "0", "--model", "custom", "--dim", "8", "--depth", "1", "--kernel-size", "3"],
+     "--patch-size 0 is out of range"),
+    (["--depth", "0", "--model", "custom", "--dim", "8", "--patch-size", "2", "--kernel-size", "3"],
+     "--depth 0 is out of range"),
+    (["--label-smoothing", "5"], "--label-smoothing 5.0 is out of range: it must be in [0, 1)"),
+    (["--crop-scale", "1,0"], "--crop-scale 1.0,0.0 must be two numbers with 0 < low <= high <= 1"),
+    (["--num-processes", "0"], "--num-processes 0 is out of range"),
+    (["--crop-pct", "0"], "--crop-pct 0.0 is out of range: it must be in (0, 1]"),
+    (["--logical-cpus", "-1"], "--logical-cpus -1 is out of range"),
+    (["--image-size", "0"], "--image-size 0 is out of range"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     from scripts.train import main
