@@ -6,12 +6,12 @@ patch, classes) is read off the tensor shapes; the activation comes from the
 matching named variant (the released 768/32 uses ReLU), or is given.
 """
 
-import json
 import os
 import re
 
 import numpy as np
 
+from keras_convmixer import rundir
 from keras_convmixer.models import IMAGENET_MEAN, IMAGENET_STD, MODEL_CONFIGS, ConvMixer
 
 # timm's evaluation transform for its ConvMixer weights.
@@ -302,7 +302,7 @@ def convert_checkpoint(path, output_dir, *, variant=None, activation=None, image
         raise ValueError(f"Got {len(class_names)} class names for a checkpoint with {arch['classes']} classes.")
     os.makedirs(output_dir, exist_ok=True)
     model.save_weights(os.path.join(output_dir, "model.weights.h5"))
-    model.save(os.path.join(output_dir, "model.keras"))
+    rundir.save_model(model, os.path.join(output_dir, "model.keras"))
     kwargs = {k: arch[k] for k in ("dim", "depth", "kernel_size", "patch_size", "activation")}
     config = {
         "model": arch["variant"] or "custom",
@@ -317,6 +317,5 @@ def convert_checkpoint(path, output_dir, *, variant=None, activation=None, image
         "data": None,
         "converted_from": os.path.abspath(os.fspath(path)),
     }
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    rundir.write_json(os.path.join(output_dir, rundir.CONFIG), config)
     return config

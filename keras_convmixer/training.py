@@ -7,9 +7,7 @@ TensorFlow is imported only for tf.data sources and TF strategies.
 """
 
 import contextlib
-import csv
 import datetime
-import json
 import math
 import os
 import time
@@ -20,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_convmixer import augment as aug
-from keras_convmixer import data
+from keras_convmixer import data, rundir
 from keras_convmixer.models import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -499,44 +497,38 @@ class FiniteGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that skips the backup of an epoch whose weights are not finite."""
+class RunCheckpoint(keras.callbacks.Callback):
+    """Saves each finished epoch into the run directory, in an order that survives a kill anywhere:
+    ``last.keras``, ``best.keras`` when ``monitor`` improves, the backup checkpoint, and last the
+    history row that commits the epoch. On ``train_begin`` it resumes from the last committed epoch.
+    The classifier is saved bare (not a training wrapper). With a ``guard``, an epoch whose
+    weights are not finite is not saved at all."""
 
-    def __init__(self, guard, backup_dir, **kwargs):
-        super().__init__(backup_dir, **kwargs)
-        self.guard = guard
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.guard.ok:
-            super().on_epoch_end(epoch, logs)
-
-
-class ClassifierCheckpoint(keras.callbacks.Callback):
-    """Saves the bare classifier (not a training wrapper) as ``last.keras`` every epoch and
-    ``best.keras`` when ``monitor`` improves; the best value survives a resume in ``best.json``.
-    With a ``guard``, an epoch whose weights are not finite is not saved."""
-
-    def __init__(self, classifier, run_dir, monitor="val_top1", guard=None):
+    def __init__(self, classifier, run, monitor="val_top1", guard=None):
         super().__init__()
-        self.classifier, self.run_dir, self.monitor, self.guard = classifier, run_dir, monitor, guard
-        self._state_path = os.path.join(run_dir, "best.json")
+        self.classifier, self.run, self.monitor, self.guard = classifier, run, monitor, guard
+        self.rows = []
 
-    def _best(self):
-        if os.path.exists(self._state_path):
-            with open(self._state_path) as f:
-                return json.load(f)["value"]
-        return -math.inf
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:  # its variables must exist to be loaded
+            optimizer.build(self.model.trainable_variables)
+        done = self.run.restore(self.model)
+        self.rows = self.run.history()
+        self.model._initial_epoch = done or None  # as keras.callbacks.BackupAndRestore does
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and not self.guard.ok:
             return
-        logs = logs or {}
-        self.classifier.save(os.path.join(self.run_dir, "last.keras"))
-        value = logs.get(self.monitor, logs.get("top1"))
-        if value is not None and float(value) > self._best():
-            self.classifier.save(os.path.join(self.run_dir, "best.keras"))
-            with open(self._state_path, "w") as f:
-                json.dump({"monitor": self.monitor, "value": float(value), "epoch": epoch + 1}, f)
+        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+        monitor = self.monitor if self.monitor in row else "top1"
+        best = rundir.best_of(self.rows, monitor)
+        rundir.save_model(self.classifier, self.run / rundir.LAST_MODEL)
+        value = row.get(monitor)
+        if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
+            rundir.save_model(self.classifier, self.run / rundir.BEST_MODEL)
+        self.rows = [*self.rows, row]
+        self.run.commit_epoch(self.model, self.rows, monitor)
 
 
 def _tensorboard(run_dir):
@@ -547,46 +539,6 @@ def _tensorboard(run_dir):
         print("TensorBoard logs skipped: TensorFlow/tensorboard is not installed.")
         return []
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "tensorboard"))]
-
-
-# ----------------------------------------------------------------------------- artefacts
-
-
-def read_history(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def history_value(row, key):
-    """A history.csv cell as a float, or None where the epoch has no such value (CSVLogger writes
-    "NA", e.g. for the val_ columns of a run without validation)."""
-    value = row.get(key)
-    return None if value in (None, "", "NA") else float(value)
-
-
-def plot_curves(history_rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def column(key):
-        return [v for v in (history_value(r, key) for r in history_rows) if v is not None]
-
-    epochs = [int(r["epoch"]) + 1 for r in history_rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = (("loss", ("loss", "val_loss")), ("top-1 accuracy", ("top1", "val_top1")), ("learning rate", ("lr",)))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
-        for key in keys:
-            values = column(key)
-            if values:
-                ax.plot(epochs[: len(values)], values, marker="o", label=key)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _set_precision(cfg):
@@ -609,26 +561,6 @@ def _init_distributed(cfg):
 _RESUME_MAY_CHANGE = ("output_dir", "verbose")
 
 
-def _check_resumable(run_dir, cfg):
-    """Resuming continues the backup in ``run_dir``: refuse if it was started with other settings."""
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ValueError(f"--output-dir {run_dir!r} is a file, not a directory.")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    current = json.loads(json.dumps(cfg, default=str))
-    changed = sorted(k for k in current if k not in _RESUME_MAY_CHANGE and k in saved and saved[k] != current[k])
-    if changed:
-        k = changed[0]
-        raise ValueError(
-            f"{run_dir} holds a run started with other settings ({k}: {saved[k]!r} there, {current[k]!r} now"
-            f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}): re-run its command to resume, "
-            "or pass a new --output-dir."
-        )
-
-
 def train(config):
     """Train per ``config`` (from ``resolve_config``); returns the metrics written to metrics.json."""
     cfg = dict(config)
@@ -640,13 +572,25 @@ def train(config):
         # Every process trains the same replicated model; on a shared filesystem they would
         # overwrite each other's backup and checkpoints. Process 0 owns the run dir itself.
         run_dir = os.path.join(run_dir, f"process_{cfg['process_id']}")
-    _check_resumable(run_dir, cfg)
-    os.makedirs(run_dir, exist_ok=True)
+    run = rundir.RunDir(run_dir).create().lock()
+    try:
+        return _train_locked(cfg, run, t_start)
+    finally:
+        run.unlock()
+
+
+def _train_locked(cfg, run, t_start):
+    run_dir = run.path
+    saved = run.read_config()
+    if saved is not None:
+        rundir.check_resumable(saved, dict(cfg, backend=keras.backend.backend()), _RESUME_MAY_CHANGE, run_dir)
     scope, strategy_name, replicas = make_strategy(cfg)
     train_data, val_data, fit_kwargs, info = _prepare_data(cfg)
     if info["num_train"] == 0 or info["steps_per_epoch"] == 0:
         raise ValueError(f"{cfg['data']}: fewer training images than one batch of {cfg['batch_size']}.")
     cfg.update(num_classes=len(info["class_names"]), class_names=list(info["class_names"]))
+    if saved is not None:
+        rundir.check_resumable(saved, {"class_names": cfg["class_names"], "data": cfg["data"]}, (), run_dir)
     cfg.update(strategy_used=strategy_name, backend=keras.backend.backend())
     steps = info["steps_per_epoch"]
     total_steps = steps * int(cfg["epochs"])
@@ -684,20 +628,16 @@ def train(config):
                 metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
                          keras.metrics.TopKCategoricalAccuracy(k=min(5, cfg["num_classes"]), name="top5")],
             )
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2, default=str)
+        run.write_config(cfg)
 
-        history_path = os.path.join(run_dir, "history.csv")
         guard = FiniteGuard()
         callbacks = [
             LearningRateLogger(),
             ThroughputLogger(int(cfg["batch_size"])),
             keras.callbacks.TerminateOnNaN(),
             guard,  # before everything that saves
-            # Before CSVLogger: once an epoch's CSV row exists its backup does too.
-            GuardedBackupAndRestore(guard, os.path.join(run_dir, "backup"), delete_checkpoint=False),
-            ClassifierCheckpoint(classifier, run_dir, "val_top1" if val_data is not None else "top1", guard),
-            keras.callbacks.CSVLogger(history_path, append=True),
+            # After the loggers, whose figures it records in history.csv.
+            RunCheckpoint(classifier, run, "val_top1" if val_data is not None else "top1", guard),
             *_tensorboard(run_dir),
         ]
         verbose = cfg["verbose"]
@@ -718,17 +658,17 @@ def train(config):
         keras.mixed_precision.set_global_policy(previous_policy)
 
     if not guard.ok:
-        last = os.path.join(run_dir, "last.keras")
+        last = run / rundir.LAST_MODEL
         kept = (f"the last finite checkpoint is {last} (epoch {guard.diverged_epoch - 1})"
                 if guard.diverged_epoch > 1 and os.path.exists(last) else "no checkpoint was written")
         raise TrainingDiverged(f"training diverged at epoch {guard.diverged_epoch}: the loss or weights became "
                                f"non-finite (lower --lr, or set --clip-norm); nothing from that epoch was saved, "
                                f"{kept}.")
-    rows = read_history(history_path)
-    plot_curves(rows, os.path.join(run_dir, "curves.png"))
+    rows = run.history()
+    rundir.plot_curves(rows, run / rundir.CURVES)
     last = rows[-1] if rows else {}
 
-    num = history_value
+    num = rundir.history_value
     ips = [num(r, "images_per_sec") for r in rows if num(r, "images_per_sec") is not None]
     metrics = dict(
         val_top1=num(last, "val_top1"), val_top5=num(last, "val_top5"),
@@ -742,8 +682,7 @@ def train(config):
         optimizer_steps=int(ops.convert_to_numpy(model.optimizer.iterations)),
         steps_per_epoch=steps, backend=keras.backend.backend(), strategy=strategy_name, run_dir=run_dir,
     )
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    rundir.write_json(run / rundir.METRICS, metrics)
     if metrics["val_top1"] is None:  # no validation split: say what best.keras was chosen on
         scores = f"train top-1 {metrics['train_top1']:.2%} (no validation)" if rows else "no epochs"
     else:

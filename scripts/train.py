@@ -15,7 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from keras_convmixer import training  # noqa: E402
+try:  # an unknown KERAS_BACKEND fails here: one line, not the import's traceback
+    from keras_convmixer import training
+except ImportError as err:
+    sys.stderr.write(f"train.py: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
+    sys.exit(2)
 
 
 def _pair(text):

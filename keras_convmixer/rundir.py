@@ -1,0 +1,391 @@
+"""The run directory: its file names, crash-safe writes, the one-run lock and resuming.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and renamed
+over the old one, so a kill at any instant leaves either the old file or the new one, never a
+torn one. ``history.csv`` is the commit record: an epoch's row is written only after its backup
+checkpoint (``backup/epoch-NNNN.weights.h5``), so the history and the backup always agree and a
+resume continues after the last row. The two newest checkpoints are kept; a resume that cannot
+read the newest falls back to the one before and drops the rows after it.
+
+Layout::
+
+    config.json      settings, class names, backend (checked on resume)
+    history.csv      one row per finished epoch (CSVLogger's columns)
+    best.json        the best epoch so far and its monitored value (derived from history.csv)
+    last.keras       the classifier after the last finished epoch
+    best.keras       the classifier at its best epoch
+    metrics.json     summary written when the run ends
+    curves.png       loss, top-1 and learning-rate curves
+    backup/          optimizer + model checkpoints for resuming
+    .lock            held (fcntl) by the process training into the directory
+"""
+
+import contextlib
+import csv
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+
+CONFIG, HISTORY, BEST, METRICS, CURVES = "config.json", "history.csv", "best.json", "metrics.json", "curves.png"
+LAST_MODEL, BEST_MODEL, BACKUP, LOCK = "last.keras", "best.keras", "backup", ".lock"
+MODEL_FILES = (BEST_MODEL, "model.keras", LAST_MODEL)  # the order predict/evaluate try them in
+_CHECKPOINT = re.compile(r"^epoch-(\d{4,})\.weights\.h5$")
+_KEEP_CHECKPOINTS = 2
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+class RunDirError(OSError):
+    """A run directory that cannot be used as it is (locked, unreadable file, disk full, ...)."""
+
+    def __str__(self):  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
+
+class RunDirBusy(RunDirError):
+    """Another live process holds the run directory's lock."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _disk_error(path, err):
+    """One line for a full or read-only disk: the path and the space left."""
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.2f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    reason = "the filesystem is read-only" if err.errno == errno.EROFS else f"no space left ({free})"
+    return RunDirError(err.errno, f"cannot write {path}: {reason}; nothing written so far is lost: "
+                                  "free space and re-run the same command to resume")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path`` (same suffix, so Keras accepts it); when the block
+    succeeds, fsync it and rename it over ``path``. On any failure the temporary file is removed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name[: len(name) - len(suffix)]}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except OSError as err:
+        _remove_quietly(tmp)
+        if err.errno in _DISK_ERRORS and not isinstance(err, RunDirError):
+            raise _disk_error(path, err) from None
+        raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _disk_errors_as_oserror(path, fn):
+    """Run a writer; h5py and zip report a full disk as RuntimeError/ValueError naming no path."""
+    try:
+        fn()
+    except OSError:
+        raise
+    except (RuntimeError, ValueError) as err:
+        text = str(err).lower()
+        if "space" in text or "write failed" in text or "errno = 28" in text or "file write" in text:
+            raise OSError(errno.ENOSPC, str(err)) from None
+        raise
+
+
+def write_bytes(path, data: bytes):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path, text: str):
+    write_bytes(path, text.encode())
+
+
+def write_json(path, obj):
+    from keras_convmixer.cli import json_text
+
+    write_text(path, json_text(json.loads(json.dumps(obj, default=str))) + "\n")
+
+
+def save_model(model, path):
+    with atomic_path(path) as tmp:
+        _disk_errors_as_oserror(path, lambda: model.save(tmp))
+
+
+def save_weights(model, path):
+    with atomic_path(path) as tmp:
+        _disk_errors_as_oserror(path, lambda: model.save_weights(tmp))
+
+
+def read_json(path):
+    """A JSON object from ``path``, or one line naming the file if it is empty, not JSON or not an object."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise RunDirError(err.errno, f"cannot read {path}: {err.strerror}") from None
+    if not raw.strip():
+        raise RunDirError(errno.EINVAL, f"{path} is empty (was its write interrupted?): delete or restore it")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise RunDirError(errno.EINVAL, f"{path} is not valid JSON{where}: delete or restore it") from None
+    if not isinstance(value, dict):
+        raise RunDirError(errno.EINVAL, f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+# ----------------------------------------------------------------------------- history
+
+
+def read_history(path):
+    """history.csv rows as dicts of strings (empty when the file does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def history_value(row, key):
+    """A history.csv cell as a float, or None where the epoch has no such value (``NA`` or empty,
+    e.g. the val_ columns of a run without validation)."""
+    value = row.get(key)
+    return None if value in (None, "", "NA") else float(value)
+
+
+def history_csv(rows):
+    """CSV text with CSVLogger's layout: ``epoch`` first, then the other keys sorted, ``NA`` for gaps."""
+    keys = sorted({k for r in rows for k in r} - {"epoch"})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["epoch", *keys], restval="NA", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def best_of(rows, monitor):
+    """``{"monitor", "value", "epoch"}`` of the best row (highest ``monitor``), or None."""
+    best = None
+    for row in rows:
+        value = history_value(row, monitor)
+        if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
+            best = {"monitor": monitor, "value": value, "epoch": int(row["epoch"]) + 1}
+    return best
+
+
+def plot_curves(history_rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def column(key):
+        return [v for v in (history_value(r, key) for r in history_rows) if v is not None]
+
+    epochs = [int(r["epoch"]) + 1 for r in history_rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("loss", ("loss", "val_loss")), ("top-1 accuracy", ("top1", "val_top1")), ("learning rate", ("lr",)))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            values = column(key)
+            if values:
+                ax.plot(epochs[: len(values)], values, marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+class RunDir:
+    """Paths and crash-safe state of one run directory."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.fspath(path))
+        self._lock_file = None
+
+    def __truediv__(self, name):
+        return os.path.join(self.path, name)
+
+    @property
+    def backup_dir(self):
+        return self / BACKUP
+
+    def create(self):
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunDirError(errno.ENOTDIR, f"--output-dir {self.path} is a file, not a directory")
+        try:
+            os.makedirs(self.backup_dir, exist_ok=True)
+        except OSError as err:
+            if err.errno in _DISK_ERRORS:
+                raise _disk_error(self.backup_dir, err) from None
+            raise RunDirError(err.errno, f"cannot create run dir {self.path}: {err.strerror}") from None
+        return self
+
+    def _remove_temporaries(self):
+        """Remove what a killed writer left behind (only while holding the lock: a live run's are its own)."""
+        for directory in (self.path, self.backup_dir):
+            for name in os.listdir(directory) if os.path.isdir(directory) else ():
+                if name.startswith(".tmp-"):
+                    _remove_quietly(os.path.join(directory, name))
+
+    # -- the lock
+
+    def lock(self):
+        """Take the run directory's lock, or raise ``RunDirBusy`` naming the process that holds it.
+
+        The lock is an ``fcntl`` lock, which the kernel drops when its holder dies, so a lock
+        file left by a killed run is simply taken over."""
+        path = self / LOCK
+        try:
+            f = open(path, "a+")
+        except OSError as err:
+            if err.errno in _DISK_ERRORS:
+                raise _disk_error(path, err) from None
+            raise
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(err.errno, f"run dir {self.path} is in use by {holder}: wait for that run to end, "
+                                            "or pass another --output-dir") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._lock_file = f
+        self._remove_temporaries()
+        return self
+
+    def unlock(self):
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    # -- config
+
+    def read_config(self):
+        path = self / CONFIG
+        return read_json(path) if os.path.exists(path) else None
+
+    def write_config(self, cfg):
+        write_json(self / CONFIG, cfg)
+
+    # -- history and checkpoints
+
+    def history(self):
+        return read_history(self / HISTORY)
+
+    def checkpoint(self, epochs_done):
+        return os.path.join(self.backup_dir, f"epoch-{epochs_done:04d}.weights.h5")
+
+    def checkpoints(self):
+        """``{epochs_done: path}`` of the backup checkpoints on disk."""
+        found = {}
+        if os.path.isdir(self.backup_dir):
+            for name in os.listdir(self.backup_dir):
+                m = _CHECKPOINT.match(name)
+                if m:
+                    found[int(m.group(1))] = os.path.join(self.backup_dir, name)
+        return found
+
+    def commit_epoch(self, model, rows, monitor):
+        """Write the backup for ``len(rows)`` finished epochs, then the history that names it."""
+        done = len(rows)
+        save_weights(model, self.checkpoint(done))
+        write_text(self / HISTORY, history_csv(rows))  # the commit point
+        best = best_of(rows, monitor)
+        if best is not None:
+            write_json(self / BEST, best)
+        for epochs, path in self.checkpoints().items():
+            if epochs <= done - _KEEP_CHECKPOINTS or epochs > done:
+                _remove_quietly(path)
+
+    def restore(self, model, log=print):
+        """Load the newest readable checkpoint that ``history.csv`` covers into ``model`` (compiled,
+        optimizer built); truncate the history to it. Returns the number of finished epochs."""
+        rows = self.history()
+        if not rows:
+            return 0
+        available = self.checkpoints()
+        epochs = len(rows)
+        while epochs > 0:
+            path = available.get(epochs)
+            if path is not None:
+                try:
+                    model.load_weights(path)
+                    break
+                except Exception as err:  # h5py/Keras raise many types for a damaged file
+                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    log(f"Backup {path} is unreadable ({reason}); falling back to the previous checkpoint.")
+            epochs -= 1
+        if epochs < len(rows):
+            log(f"Resuming from epoch {epochs} of {len(rows)} recorded: the history after it is dropped "
+                "and those epochs are trained again.")
+            write_text(self / HISTORY, history_csv(rows[:epochs]))
+        return epochs
+
+
+def check_resumable(saved, current, may_change, run_dir):
+    """Refuse to continue a run with other settings, another backend or another class list."""
+    current = json.loads(json.dumps(current, default=str))
+    if saved.get("backend") and current.get("backend") and saved["backend"] != current["backend"]:
+        raise ValueError(f"{run_dir} was trained with KERAS_BACKEND={saved['backend']}, not {current['backend']}: "
+                         "its optimizer state resumes only on the same backend; set KERAS_BACKEND="
+                         f"{saved['backend']} to resume it, or pass a new --output-dir")
+    old, new = saved.get("class_names"), current.get("class_names")
+    if old is not None and new is not None and list(old) != list(new):
+        added, removed = [c for c in new if c not in old], [c for c in old if c not in new]
+        diff = "; ".join(part for part in (f"added {', '.join(added[:5])}" if added else "",
+                                           f"removed {', '.join(removed[:5])}" if removed else "") if part)
+        raise ValueError(f"the classes of {current.get('data')} changed since {run_dir} began "
+                         f"({diff or 'same names, new order'}): pass a new --output-dir")
+    skip = set(may_change) | {"class_names", "num_classes", "backend"}
+    changed = sorted(k for k in current if k not in skip and k in saved and saved[k] != current[k])
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"{run_dir} holds a run started with other settings ({k}: {saved[k]!r} there, {current[k]!r} now"
+            f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}): re-run its command to resume, "
+            "or pass a new --output-dir."
+        )
