@@ -5,9 +5,19 @@ backend only keras and that backend are needed. Modules that need TF
 (tf.data pipelines, SavedModel export) import it when called.
 """
 
-from keras_convmixer.initializers import TorchKernelUniform, TorchUniform
-from keras_convmixer.layers import ConvMixerBlock, PatchEmbed, gelu_erf
-from keras_convmixer.models import (
+import os as _os
+
+# Keras fails on an unknown backend name with a traceback from deep inside its import;
+# checking first turns a typo into one line that the scripts can print.
+_KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
+if _os.environ.get("KERAS_BACKEND") and _os.environ["KERAS_BACKEND"] not in _KERAS_BACKENDS:
+    raise ImportError(
+        f"KERAS_BACKEND={_os.environ['KERAS_BACKEND']!r} is not a Keras backend: use tensorflow, jax or torch"
+    )
+
+from keras_convmixer.initializers import TorchKernelUniform, TorchUniform  # noqa: E402  (after the backend check)
+from keras_convmixer.layers import ConvMixerBlock, PatchEmbed, gelu_erf  # noqa: E402
+from keras_convmixer.models import (  # noqa: E402
     MODEL_CONFIGS,
     ConvMixer,
     ConvMixer256_8,

@@ -10,6 +10,9 @@ SavedModel signatures (from the TF or JAX backend):
 * ``serve_preprocessed(images)``: float32 ``[N, S, S, 3]`` already transformed
   pixels in [0, 255]; returns ``logits`` and ``features`` (used by evaluate).
 
+Every signature takes an empty batch (N = 0) and returns empty outputs.
+ONNX: ``model.onnx`` has one input, ``images``, and one output, ``probabilities``.
+
 The model part is exported by Keras (jax2tf under JAX); preprocessing and
 top-k are TensorFlow ops wrapped around it, which avoids JAX's top_k
 composite that TF cannot load. Every export writes ``export.json`` (provenance
@@ -23,7 +26,7 @@ import os
 
 import keras
 
-from keras_convmixer.inference import logits_model, open_model
+from keras_convmixer.inference import is_saved_model_dir, logits_model, open_model
 
 FORMATS = ("savedmodel", "onnx", "keras")
 TOP_K = 5
@@ -31,6 +34,8 @@ TOP_K = 5
 # loop over chunks of it: with a symbolic batch, the StableHLO that jax2tf
 # writes for erf keeps dynamic shapes that TF 2.21 refuses to compile.
 JAX_EXPORT_BATCH = 8
+# The ONNX graph's input and output names, as export.json documents them.
+ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
 
 
 class ExportBackendError(RuntimeError):
@@ -44,9 +49,9 @@ def export_model(model_path, fmt, output=None, verbose=False):
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
-    bundle = open_model(model_path)
-    if bundle.model is None:
+    if os.path.isdir(model_path) and is_saved_model_dir(model_path):  # refused before anything loads its graph
         raise ValueError(f"{model_path!r} is already an exported SavedModel: export from its run dir or .keras file.")
+    bundle = open_model(model_path)
     if output is None:
         base = bundle.source if bundle.kind == "run" else os.path.dirname(bundle.source)
         output = os.path.join(base, "export", fmt)
@@ -94,19 +99,16 @@ def _write_saved_model(bundle, output, verbose):
     archive = keras.export.ExportArchive()
     archive.track(model)
     if keras.backend.backend() == "tensorflow":
-        model_fn = archive.add_endpoint(
-            "serve_preprocessed",
-            model_outputs,
-            input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
-        )
+        any_batch_fn = model_outputs
     else:
         fixed_fn = archive.add_endpoint(
             "serve_fixed_batch",
             model_outputs,
             input_signature=[keras.InputSpec(shape=(JAX_EXPORT_BATCH, size, size, 3), dtype="float32")],
         )
-        model_fn = _batch_any_size(tf, fixed_fn, JAX_EXPORT_BATCH, size, bundle.num_classes, _feature_dim(core))
-        archive.add_endpoint("serve_preprocessed", model_fn)
+        any_batch_fn = _batch_any_size(tf, fixed_fn, JAX_EXPORT_BATCH, size, bundle.num_classes, _feature_dim(core))
+    model_fn = _empty_batch_safe(tf, any_batch_fn, size, bundle.num_classes, _feature_dim(core))
+    archive.add_endpoint("serve_preprocessed", model_fn)
 
     # Rank unknown on purpose: a loaded signature does not check shapes and TF folds a
     # rank check away when the rank is declared, so the checks below run on the real input.
@@ -156,6 +158,20 @@ def _write_saved_model(bundle, output, verbose):
 
 def _feature_dim(core):
     return int(core.outputs[1].shape[-1])
+
+
+def _empty_batch_safe(tf, fn, size, num_classes, feature_dim):
+    """``fn`` over any batch, with an empty batch answered by empty outputs without running the model:
+    TensorFlow's graph optimiser breaks the model's BatchNorm on a 0-size batch (incompatible shapes)."""
+
+    @tf.function(input_signature=[tf.TensorSpec(shape=(None, size, size, 3), dtype=tf.float32, name="images")])
+    def run(images):
+        def empty():
+            return {"logits": tf.zeros([0, num_classes]), "features": tf.zeros([0, feature_dim])}
+
+        return tf.cond(tf.shape(images)[0] > 0, lambda: fn(images), empty)
+
+    return run
 
 
 def _batch_any_size(tf, fixed_fn, batch, size, num_classes, feature_dim):
@@ -236,8 +252,63 @@ def export_onnx(bundle, output, verbose=False):
         input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
         verbose=verbose,
     )
-    return {"model.onnx": {"input": f"float32 [N, {size}, {size}, 3] in [0, 255], eval-transformed",
-                           "returns": ["probabilities"]}}
+    _name_onnx_io(path, ONNX_INPUT, ONNX_OUTPUT)
+    return {"model.onnx": {ONNX_INPUT: f"float32 [N, {size}, {size}, 3] in [0, 255], eval-transformed",
+                           "returns": [ONNX_OUTPUT]}}
+
+
+def _name_onnx_io(path, input_name, output_name):
+    """Rename the graph's one input and one output: each converter picks its own names
+    (``args_0``/``Identity:0`` from TF, ``input_0``/``softmax_out_0`` from JAX, a number from torch)."""
+    import onnx
+
+    proto = onnx.load(path)
+    graph = proto.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value.name for value in graph.input if value.name not in initializers]
+    outputs = [value.name for value in graph.output]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise RuntimeError(f"Expected an ONNX graph with one input and one output, got {inputs} -> {outputs}.")
+    used = _onnx_names(graph)
+    renames = {}
+    for old, new in ((inputs[0], input_name), (outputs[0], output_name)):
+        if old == new:
+            continue
+        if new in used:  # an inner tensor already has the name: it moves aside first
+            spare = next(f"{new}_{i}" for i in range(1, len(used) + 2) if f"{new}_{i}" not in used)
+            renames[new] = spare
+            used.add(spare)
+        renames[old] = new
+    _rename_onnx(graph, renames)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def _subgraphs(graph):
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from ([attribute.g] if attribute.HasField("g") else [])
+            yield from attribute.graphs
+
+
+def _onnx_names(graph):
+    names = {value.name for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    for sub in _subgraphs(graph):
+        names |= _onnx_names(sub)
+    return names
+
+
+def _rename_onnx(graph, renames):
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        value.name = renames.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for sub in _subgraphs(graph):
+        _rename_onnx(sub, renames)
 
 
 def _onnx_serving_model(model):

@@ -5,16 +5,29 @@ Accepted: a ``.keras`` file, a run directory (``config.json`` + ``best.keras``,
 its ``export.json``). All three give a ``ModelBundle`` with one interface:
 ``logits(images)`` on eval-transformed float32 ``[N, S, S, 3]`` pixels in
 [0, 255], plus the class names and eval transform from the run's config.
+
+``.keras`` files are loaded in Keras's safe mode (no code from the file runs).
+A SavedModel cannot be opened that way: it is a TensorFlow graph, and running
+it runs whatever ops it holds, file reads and writes included. So it is only
+opened with ``trust_savedmodel=True`` (``--trust-savedmodel`` in the scripts).
 """
 
 import dataclasses
-import json
+import logging
 import os
+import zipfile
 
 import numpy as np
 
-RUN_DIR_MODEL_FILES = ("best.keras", "model.keras", "last.keras")
+from keras_convmixer import rundir
+
 DEFAULT_IMAGE_SIZE = 224
+SAVEDMODEL_TRUST_MESSAGE = (
+    "a SavedModel runs its own TensorFlow graph, which can read and write files: pass --trust-savedmodel "
+    "(trust_savedmodel=True) only for SavedModels you exported yourself or trust"
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -23,6 +36,7 @@ class ModelBundle:
     source: str  # absolute path of what was opened
     config: dict  # run config (model, image_size, class_names, crop_pct, interpolation, ...)
     model: object = None  # keras.Model (kind keras/run)
+    model_file: str = None  # the .keras file that was loaded (kind keras/run)
     saved_model: object = None  # tf.saved_model.load result (kind savedmodel)
     _logits_model: object = dataclasses.field(default=None, repr=False)
 
@@ -67,45 +81,85 @@ class ModelPathError(ValueError):
     """The given path is not a model we can open."""
 
 
-def open_model(path):
-    """Open a ``.keras`` file, a run dir or an exported SavedModel as a ``ModelBundle``."""
+class UntrustedSavedModelError(ModelPathError):
+    """A SavedModel was given without ``trust_savedmodel=True``."""
+
+
+def open_model(path, *, trust_savedmodel=False):
+    """Open a ``.keras`` file, a run dir or an exported SavedModel as a ``ModelBundle``.
+
+    A SavedModel is refused unless ``trust_savedmodel`` is true: loading and calling it runs its graph.
+    """
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"Model path {path!r} does not exist.")
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        if is_saved_model_dir(path):
+            if not trust_savedmodel:
+                raise UntrustedSavedModelError(f"Not opening the SavedModel {path!r}: {SAVEDMODEL_TRUST_MESSAGE}.")
             return _open_saved_model(path)
         if os.path.isfile(os.path.join(path, "config.json")):
-            for name in RUN_DIR_MODEL_FILES:
-                model_file = os.path.join(path, name)
-                if os.path.isfile(model_file):
-                    return _open_keras(model_file, kind="run", source=path)
-            raise ModelPathError(f"Run dir {path!r} has no model file ({', '.join(RUN_DIR_MODEL_FILES)}).")
+            return _open_run_dir(path)
         raise ModelPathError(
             f"{path!r} is neither a run dir (config.json + best.keras) nor a SavedModel (saved_model.pb)."
         )
     if path.endswith(".keras"):
-        return _open_keras(path, kind="keras", source=path)
+        config_file = os.path.join(os.path.dirname(path), "config.json")
+        config = rundir.read_json(config_file) if os.path.isfile(config_file) else {}
+        return _bundle(_load_keras(path), path, config, kind="keras", source=path)
     raise ModelPathError(f"{path!r} is not a .keras file, a run dir or a SavedModel dir.")
 
 
-def _open_keras(model_file, kind, source):
+def is_saved_model_dir(path):
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt"))
+
+
+def _open_run_dir(path):
+    config = rundir.read_json(os.path.join(path, "config.json"))
+    present = [name for name in rundir.MODEL_FILES if os.path.isfile(os.path.join(path, name))]
+    if not present:
+        raise ModelPathError(f"Run dir {path!r} has no model file ({', '.join(rundir.MODEL_FILES)}).")
+    broken = []  # "name (why)" for each file that exists but does not load
+    for name in present:
+        model_file = os.path.join(path, name)
+        try:
+            model = _load_keras(model_file)
+        except KerasFileError as err:
+            broken.append(f"{name} ({err.reason})")
+            continue
+        if broken:
+            logger.warning("Run dir %r: cannot load %s; using %s instead.", path, ", ".join(broken), name)
+        return _bundle(model, model_file, config, kind="run", source=path)
+    missing = [f"{name} (missing)" for name in rundir.MODEL_FILES if name not in present]
+    raise ModelPathError(f"Run dir {path!r} has no loadable model file: {', '.join(broken + missing)}.")
+
+
+class KerasFileError(ModelPathError):
+    def __init__(self, model_file, reason):
+        super().__init__(f"Cannot load {model_file!r} as a Keras model: {reason}")
+        self.reason = reason
+
+
+def _load_keras(model_file):
     import keras
 
     import keras_convmixer  # noqa: F401  (registers our layers for deserialization)
 
+    # Keras says "File not found" for an empty or truncated archive: name what is wrong instead.
+    if os.path.getsize(model_file) == 0:
+        raise KerasFileError(model_file, "the file is empty")
+    if not zipfile.is_zipfile(model_file):
+        raise KerasFileError(model_file, "not a complete .keras zip archive: truncated, or not a Keras file")
     try:
-        model = keras.saving.load_model(model_file, compile=False)  # inference only: no optimizer needed
+        return keras.saving.load_model(model_file, compile=False)  # inference only: no optimizer needed
     except Exception as err:  # zip/h5/config errors all mean "not a usable .keras file"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelPathError(f"Cannot load {model_file!r} as a Keras model: {first}") from None
-    config_file = os.path.join(os.path.dirname(model_file), "config.json")
-    config = {}
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
+        raise KerasFileError(model_file, first) from None
+
+
+def _bundle(model, model_file, config, kind, source):
     config = _complete_config(config, model)
-    return ModelBundle(kind=kind, source=source, config=config, model=model)
+    return ModelBundle(kind=kind, source=source, config=config, model=model, model_file=model_file)
 
 
 def _complete_config(config, model):
@@ -136,8 +190,10 @@ def _open_saved_model(path):
     meta_file = os.path.join(path, "export.json")
     if not os.path.isfile(meta_file):
         raise ModelPathError(f"SavedModel {path!r} has no export.json (not exported by keras_convmixer).")
-    with open(meta_file) as f:
-        meta = json.load(f)
+    meta = rundir.read_json(meta_file)
+    absent = [key for key in ("run_config", "input", "class_names") if not isinstance(meta.get(key), (dict, list))]
+    if absent:
+        raise ModelPathError(f"{meta_file!r} lacks {absent[0]!r} (not written by keras_convmixer's export).")
     loaded = tf.saved_model.load(path)
     missing = [name for name in ("serve", "serve_preprocessed") if name not in loaded.signatures]
     if missing:
@@ -186,17 +242,18 @@ def softmax(logits):
 
 
 def evaluate(model_path, data=None, *, split="val", val_split=None, val_source=None, seed=None, batch_size=64,
-             data_dir=None):
+             data_dir=None, trust_savedmodel=False):
     """Top-1, top-5 and cross-entropy of a model on one split of a data source.
 
     ``data``, ``val_split`` and ``seed`` default to the run's config, so
     ``split="val"`` is the run's own validation split. Returns a JSON-able dict.
+    A SavedModel needs ``trust_savedmodel=True`` (see ``open_model``).
     """
     from keras_convmixer import data as data_lib
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
-    bundle = open_model(model_path)
+    bundle = open_model(model_path, trust_savedmodel=trust_savedmodel)
     config = bundle.config
     data = data or config.get("data")
     if not data:
@@ -283,15 +340,18 @@ def list_images(paths):
     return files
 
 
-def predict(model_path, images, top_k=5):
-    """Top-k class names and scores for image files and folders: a list of dicts, one per file."""
+def predict(model_path, images, top_k=5, *, trust_savedmodel=False):
+    """Top-k class names and scores for image files and folders: a list of dicts, one per file.
+
+    A SavedModel needs ``trust_savedmodel=True`` (see ``open_model``).
+    """
     from keras_convmixer.data import read_image
 
     if int(top_k) < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
     files = list_images(images)
     decoded = [read_image(f) for f in files]  # bad images fail before the (slow) model load
-    bundle = open_model(model_path)
+    bundle = open_model(model_path, trust_savedmodel=trust_savedmodel)
     k = min(int(top_k), bundle.num_classes)
     if bundle.saved_model is not None:
         import tensorflow as tf

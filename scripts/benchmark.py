@@ -32,19 +32,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_convmixer.benchmark import (  # noqa: E402
-    BENCH_IMPLS,
-    MEASUREMENTS,
-    PRECISIONS,
-    common_fields,
-    default_impls,
-    median_seconds,
-    model_config,
-    op_arrays,
-    run_benchmarks,
-    summary_table,
-)
-from keras_convmixer.models import list_models  # noqa: E402
+try:
+    from keras_convmixer.benchmark import (
+        BENCH_IMPLS,
+        MEASUREMENTS,
+        PRECISIONS,
+        common_fields,
+        default_impls,
+        median_seconds,
+        model_config,
+        op_arrays,
+        run_benchmarks,
+        summary_table,
+    )
+    from keras_convmixer.models import list_models
+except ImportError as err:  # an unknown KERAS_BACKEND, a missing package: one line, not a traceback
+    sys.stderr.write(f"{os.path.basename(__file__)}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
+    sys.exit(2)
 
 
 def positive_int(text):

@@ -153,6 +153,11 @@ def main(argv=None):
     impls = [s.strip() for s in args.ours_impl.split(",") if s.strip()]
     if "ours" in sides and (not impls or any(i not in ("image", "batch", "none") for i in impls)):
         parser.error(f"--ours-impl must list 'image', 'batch' and/or 'none', got {args.ours_impl!r}")
+    if "ours" in sides:
+        try:
+            import keras_convmixer  # noqa: F401
+        except ImportError as err:  # an unknown KERAS_BACKEND: one line, not a traceback
+            parser.exit(2, f"{parser.prog}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
     runs = [(side, impl) for side in sides for impl in (impls if side == "ours" else [None])]
     for side, impl in runs:
         result = ours(args, impl) if side == "ours" else reference(args)

@@ -85,6 +85,10 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from keras_convmixer.convert import CheckpointError
+    except ImportError as err:  # an unknown KERAS_BACKEND, a missing package: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
+    try:
         import timm  # noqa: F401
         import torch  # noqa: F401
     except Exception as err:  # timm fails with errors other than ImportError when torchvision is broken
@@ -99,7 +103,6 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", "highest")
     except ImportError:
         pass
-    from keras_convmixer.convert import CheckpointError
 
     results = []
     for name in args.models:

@@ -29,8 +29,11 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from keras_convmixer import convert
-    from keras_convmixer.cli import USER_ERRORS, fail
+    try:
+        from keras_convmixer import convert
+        from keras_convmixer.cli import USER_ERRORS, fail
+    except ImportError as err:  # an unknown KERAS_BACKEND, a missing package: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
 
     try:
         class_names = None

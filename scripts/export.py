@@ -22,8 +22,11 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from keras_convmixer import export
-    from keras_convmixer.cli import USER_ERRORS, fail
+    try:
+        from keras_convmixer import export
+        from keras_convmixer.cli import USER_ERRORS, fail
+    except ImportError as err:  # an unknown KERAS_BACKEND, a missing package: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
 
     try:
         output = export.export_model(args.model, args.fmt, output=args.output, verbose=args.verbose)

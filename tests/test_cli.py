@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -200,7 +203,7 @@ def exported(trained):
 
 
 def test_evaluate_and_predict_accept_a_savedmodel(trained, exported, capsys):
-    args = ["--data", f"folder:{trained['data']}", "--split", "train", "--val-split", "0"]
+    args = ["--data", f"folder:{trained['data']}", "--split", "train", "--val-split", "0", "--trust-savedmodel"]
     code, out, err = run_cli("evaluate", [exported, *args], capsys)
     assert code == 0, err
     from_saved = json.loads(out)
@@ -212,7 +215,7 @@ def test_evaluate_and_predict_accept_a_savedmodel(trained, exported, capsys):
     assert from_saved["model_kind"] == "savedmodel"
 
     image = trained["data"] / "yellow" / "1.png"
-    code, out, err = run_cli("predict", [exported, image], capsys)
+    code, out, err = run_cli("predict", [exported, image, "--trust-savedmodel"], capsys)
     assert code == 0, err
     top5 = json.loads(out)[0]["top_k"]
     probs = _predict_reference(trained["model"], image)
@@ -291,3 +294,159 @@ def test_reports_are_strict_json_even_for_non_finite_scores():
     assert json.loads(text) == [{"file": "a.png", "top_k": [{"class": "cat", "score": None}]},
                                 {"loss": None, "top1": 0.5, "per_class": [1.0, None]}]
     assert "NaN" not in text and "Infinity" not in text
+
+
+def _one_error_line(err):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def crafted_savedmodel(tmp_path):
+    """A SavedModel with export.json and the expected signatures whose graph also writes a file when called:
+    what any SavedModel can do, since it runs its own TensorFlow ops."""
+    tf = pytest.importorskip("tensorflow")
+    marker = tmp_path / "written_by_the_graph.txt"
+
+    class Crafted(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
+        def serve(self, images):
+            with tf.control_dependencies([tf.io.write_file(str(marker), "the graph ran")]):
+                return {"probabilities": tf.fill([tf.shape(images)[0], 2], 0.5)}
+
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+        def serve_preprocessed(self, images):
+            with tf.control_dependencies([tf.io.write_file(str(marker), "the graph ran")]):
+                n = tf.shape(images)[0]
+                return {"logits": tf.zeros([n, 2]), "features": tf.zeros([n, 4])}
+
+    module = Crafted()
+    path = tmp_path / "crafted"
+    tf.saved_model.save(module, str(path), signatures={"serve": module.serve,
+                                                       "serve_preprocessed": module.serve_preprocessed})
+    (path / "export.json").write_text(json.dumps({
+        "run_config": {"data": "digits"}, "class_names": ["x", "y"],
+        "input": {"image_size": SIZE, "crop_pct": 1.0, "interpolation": "bilinear"},
+    }))
+    return path, marker
+
+
+def test_a_savedmodel_only_runs_with_trust_savedmodel(trained, crafted_savedmodel, capsys):
+    path, marker = crafted_savedmodel
+    image = trained["data"] / "red" / "0.png"
+    for script, argv in (("predict", [path, image]), ("evaluate", [path])):
+        code, out, err = run_cli(script, argv, capsys)
+        assert code == 2 and out == ""
+        line = _one_error_line(err)
+        assert ": error: Not opening the SavedModel" in line
+        assert "--trust-savedmodel" in line and "can read and write files" in line
+        assert not marker.exists()
+    # With the flag the graph runs, side effect included: the flag is the only thing that stopped it above.
+    code, out, err = run_cli("predict", [path, image, "--trust-savedmodel"], capsys)
+    assert code == 0, err
+    assert [t["class"] for t in json.loads(out)[0]["top_k"]] == ["x", "y"]
+    assert marker.read_text() == "the graph ran"
+
+
+BROKEN_KERAS_FILES = {
+    "empty": lambda good: b"",
+    "truncated": lambda good: good[: len(good) // 2],  # a kill halfway through the write
+    "garbage": lambda good: b"definitely not a zip archive" * 4,
+}
+
+
+def _run_dir_with(trained, tmp_path, files):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes((trained["run"] / "config.json").read_bytes())
+    good = (trained["run"] / "best.keras").read_bytes()
+    for name, kind in files.items():
+        (run / name).write_bytes(good if kind == "good" else BROKEN_KERAS_FILES[kind](good))
+    return run
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_KERAS_FILES))
+def test_a_broken_best_keras_falls_back_with_one_warning(trained, tmp_path, caplog, kind):
+    from keras_convmixer.inference import open_model
+
+    run = _run_dir_with(trained, tmp_path, {"best.keras": kind, "last.keras": "good"})
+    with caplog.at_level(logging.WARNING):
+        bundle = open_model(run)
+    assert bundle.model_file == str(run / "last.keras")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("keras_convmixer")]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "\n" not in message and "best.keras" in message and "using last.keras instead" in message
+    assert "File not found" not in message
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(bundle.model.predict(x, verbose=0), trained["model"].predict(x, verbose=0), atol=1e-6)
+
+
+def test_predict_on_a_run_dir_killed_while_writing_best_keras(trained, tmp_path, capsys, caplog):
+    run = _run_dir_with(trained, tmp_path, {"best.keras": "truncated", "model.keras": "good"})
+    image = trained["data"] / "magenta" / "2.png"
+    with caplog.at_level(logging.WARNING):
+        code, out, err = run_cli("predict", [run, image], capsys)
+    assert code == 0, err
+    assert json.loads(out)[0]["top_k"][0]["class"] == "magenta"
+    assert any("using model.keras instead" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_dir_with_no_loadable_model_names_every_file(trained, tmp_path, capsys):
+    run = _run_dir_with(trained, tmp_path, {"best.keras": "empty", "model.keras": "garbage", "last.keras": "truncated"})
+    code, out, err = run_cli("predict", [run, trained["data"] / "red" / "0.png"], capsys)
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert "no loadable model file" in line
+    assert "best.keras (the file is empty)" in line
+    assert "model.keras (not a complete .keras zip archive" in line and "last.keras (not a complete" in line
+
+
+@pytest.mark.parametrize(
+    "text, message", [("", "is empty"), ('{"model": "custom", ', "is not valid JSON (line 1"), ("[1, 2]", "JSON list")]
+)
+@pytest.mark.parametrize("script", ["predict", "evaluate"])
+def test_a_broken_config_json_is_named_in_one_line(trained, tmp_path, capsys, script, text, message):
+    run = _run_dir_with(trained, tmp_path, {"best.keras": "good"})
+    (run / "config.json").write_text(text)
+    argv = [run, trained["data"] / "red" / "0.png"] if script == "predict" else [run]
+    code, out, err = run_cli(script, argv, capsys)
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert str(run / "config.json") in line and message in line
+    assert "Expecting" not in line
+
+
+def test_reports_are_json_for_numpy_values_and_paths():
+    from keras_convmixer.cli import json_text
+
+    report = {"top1": np.float32(0.25), "loss": np.float32("nan"), "num_images": np.int64(8), "file": Path("a.png"),
+              "scores": np.array([0.5, np.inf], "float32"), np.int64(3): (True, None)}
+    assert json.loads(json_text(report)) == {"top1": 0.25, "loss": None, "num_images": 8, "file": "a.png",
+                                             "scores": [0.5, None], "3": [True, None]}
+
+
+SCRIPT_ARGS = {
+    "train": [],
+    "predict": ["model", "image.png"],
+    "evaluate": ["model"],
+    "export": ["model", "--format", "keras"],
+    "convert_timm": ["model.safetensors", "--output", "out"],
+    "compare_timm": [],
+    "benchmark": [],
+    "benchmark_input": [],
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPT_ARGS))
+def test_an_unknown_keras_backend_is_one_line_and_exit_2(script, tmp_path):
+    # A subprocess: Keras picks its backend once per process. It stops before importing keras, so it is quick.
+    env = dict(os.environ, KERAS_BACKEND="nope")
+    done = subprocess.run([sys.executable, ROOT / "scripts" / f"{script}.py", *SCRIPT_ARGS[script]],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"{script}.py: error: KERAS_BACKEND='nope' is not a Keras backend: use tensorflow, jax or torch"
+    ]

@@ -75,6 +75,22 @@ def test_serve_features_and_any_batch_size(saved_model, run):
 
 
 @needs_savedmodel_backend
+def test_every_signature_takes_an_empty_batch(saved_model):
+    import tensorflow as tf
+
+    signatures = saved_model[1].signatures
+    for images in (np.zeros((0, 20, 30, 3), "uint8"), np.zeros((0, SIZE, SIZE, 3), "uint8")):
+        out = signatures["serve"](images=tf.constant(images))
+        assert out["probabilities"].shape == (0, 6) and out["probabilities"].dtype == tf.float32
+        assert out["top5_classes"].shape == (0, 5) and out["top5_classes"].dtype == tf.int32
+        assert out["top5_scores"].shape == (0, 5) and out["top5_scores"].dtype == tf.float32
+        features = signatures["serve_features"](images=tf.constant(images))["features"]
+        assert features.shape == (0, 8) and features.dtype == tf.float32
+    pre = signatures["serve_preprocessed"](images=tf.constant(np.zeros((0, SIZE, SIZE, 3), "float32")))
+    assert pre["logits"].shape == (0, 6) and pre["features"].shape == (0, 8)
+
+
+@needs_savedmodel_backend
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -119,18 +135,34 @@ def test_torch_backend_names_the_backend_to_use(run, tmp_path):
         export.export_model(run[0], "savedmodel", output=tmp_path / "sm")
 
 
-def test_onnx_matches_keras(run, tmp_path):
-    pytest.importorskip("onnxruntime")
-    import onnxruntime
+@pytest.fixture(scope="module")
+def onnx_export(run, tmp_path_factory):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out = export.export_model(run[0], "onnx", output=tmp_path_factory.mktemp("onnx"))
+    meta = json.loads(open(os.path.join(out, "export.json")).read())
+    return onnxruntime.InferenceSession(os.path.join(out, "model.onnx")), meta
 
-    out = export.export_model(run[0], "onnx", output=tmp_path / "onnx")
-    session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"))
-    name = session.get_inputs()[0].name
+
+def test_onnx_matches_keras(onnx_export, run):
+    session, meta = onnx_export
     for n in (1, 4):  # the batch dimension is dynamic
         x = _preprocessed(_uint8_images(n, 19, 23, seed=n))
-        got = session.run(None, {name: x})[0]
+        got = session.run(None, {"images": x})[0]
         np.testing.assert_allclose(got, keras_outputs(run[1], x)[0], atol=1e-4)
-    assert json.loads(open(os.path.join(out, "export.json")).read())["format"] == "onnx"
+    assert meta["format"] == "onnx"
+
+
+def test_onnx_names_are_the_documented_ones(onnx_export):
+    session, meta = onnx_export
+    documented = meta["outputs"]["model.onnx"]
+    assert [i.name for i in session.get_inputs()] == [k for k in documented if k != "returns"] == ["images"]
+    assert [o.name for o in session.get_outputs()] == documented["returns"] == ["probabilities"]
+
+
+def test_onnx_takes_an_empty_batch(onnx_export):
+    session, _ = onnx_export
+    (probabilities,) = session.run(None, {"images": np.zeros((0, SIZE, SIZE, 3), "float32")})
+    assert probabilities.shape == (0, 6) and probabilities.dtype == np.float32
 
 
 def test_keras_format_round_trip(run, tmp_path):
@@ -148,3 +180,11 @@ def test_bad_format_and_paths(run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a run dir"):
         export.export_model(tmp_path / "empty", "keras")
+
+
+def test_a_savedmodel_is_refused_before_anything_loads_it(tmp_path):
+    # Not a real graph: if anything tried to load it, the error would be a parse error, not this one.
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="already an exported SavedModel"):
+        export.export_model(tmp_path / "sm", "keras")
