@@ -293,7 +293,9 @@ def evaluate(model_path, data=None, *, split="val", val_split=None, val_source=N
         "seed": seed,
         "num_images": count,
         "num_classes": bundle.num_classes,
+        # Counted after the pass: the decode step records the files it could not use as it meets them.
         "skipped_files": source.skipped,
+        "unreadable_files": source.audit.failures,
         "top1": top1 / count,
         "top5": topk / count,
         "top5_k": k,

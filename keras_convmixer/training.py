@@ -394,7 +394,10 @@ def _prepare_data(cfg):
             keep = _subset(len(yv), int(cfg["val_steps"]) * batch, yv, cfg["split_seed"])
             xv, yv = xv[keep], yv[keep]
         val = ({"images": xv, "labels": yv}, yv) if len(yv) else None
-        info = dict(class_names=mem.class_names, num_train=len(y), num_val=len(yv), skipped=mem.skipped,
+        unreadable = data.DecodeAudit()
+        for path, reason in mem.failures.items():
+            unreadable.add(path, reason)
+        info = dict(class_names=mem.class_names, num_train=len(y), num_val=len(yv), unreadable=unreadable,
                     steps_per_epoch=steps)
         stream = array_batches(x, y, batch, cfg["seed"])
         return stream, val, dict(validation_batch_size=batch, steps_per_epoch=steps, shuffle=False), info
@@ -431,7 +434,7 @@ def _prepare_data(cfg):
             val = val.map(lambda x, y: ({"images": x, "labels": y}, y))
         if cfg["val_steps"]:
             val = val.take(int(cfg["val_steps"]))
-    info = dict(class_names=src.class_names, num_train=src.num_train, num_val=src.num_val, skipped=src.skipped,
+    info = dict(class_names=src.class_names, num_train=src.num_train, num_val=src.num_val, unreadable=src.audit,
                 steps_per_epoch=steps)
     return train, val, dict(shuffle=False, steps_per_epoch=steps), info  # tf.data shuffles itself
 
@@ -468,6 +471,23 @@ class ThroughputLogger(keras.callbacks.Callback):
             train_time = (self._train_end or now) - self._start
             logs["images_per_sec"] = self._batches * self.images_per_step / max(train_time, 1e-9)
             logs["epoch_time_s"] = now - self._start
+
+
+class UnreadableFilesLogger(keras.callbacks.Callback):
+    """Names, once, each image file the input pipeline could not use (the decode step records them as
+    the stream passes them), so a damaged file is never silently left out."""
+
+    def __init__(self, audit, log=print):
+        super().__init__()
+        self.audit, self.log, self._reported = audit, log, set()
+
+    def on_epoch_end(self, epoch, logs=None):
+        new = {p: r for p, r in self.audit.failures.items() if p not in self._reported}
+        if new:
+            self._reported.update(new)
+            listed = "; ".join(f"{p}: {r}" for p, r in list(new.items())[:5])
+            more = f" and {len(new) - 5} more (all in metrics.json)" if len(new) > 5 else ""
+            self.log(f"Left out {len(new)} unreadable image file{'s' if len(new) > 1 else ''}: {listed}{more}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -636,6 +656,7 @@ def _train_locked(cfg, run, t_start):
             ThroughputLogger(int(cfg["batch_size"])),
             keras.callbacks.TerminateOnNaN(),
             guard,  # before everything that saves
+            UnreadableFilesLogger(info["unreadable"]),
             # After the loggers, whose figures it records in history.csv.
             RunCheckpoint(classifier, run, "val_top1" if val_data is not None else "top1", guard),
             *_tensorboard(run_dir),
@@ -645,7 +666,7 @@ def _train_locked(cfg, run, t_start):
               f"images, {len(info['class_names'])} classes, {cfg['epochs']} epochs x {steps} steps, "
               f"batch {cfg['batch_size']}, strategy {strategy_name} ({replicas} replicas), "
               f"{cfg['precision_used']}, augment on {cfg['augment_on']}; run dir {run_dir}"
-              + (f"; skipped {info['skipped']} unreadable files" if info["skipped"] else ""))
+              + (f"; left out {len(info['unreadable'])} unreadable files" if len(info["unreadable"]) else ""))
         with warnings.catch_warnings():
             # Training streams never run out (they repeat); the validation set, whose length is
             # unknown when undecodable files are skipped, ends each pass with this warning.
@@ -681,6 +702,7 @@ def _train_locked(cfg, run, t_start):
         # epochs x steps_per_epoch on a run that finished; a resumed run restores the count.
         optimizer_steps=int(ops.convert_to_numpy(model.optimizer.iterations)),
         steps_per_epoch=steps, backend=keras.backend.backend(), strategy=strategy_name, run_dir=run_dir,
+        unreadable_files=info["unreadable"].failures,
     )
     rundir.write_json(run / rundir.METRICS, metrics)
     if metrics["val_top1"] is None:  # no validation split: say what best.keras was chosen on
@@ -688,6 +710,8 @@ def _train_locked(cfg, run, t_start):
     else:
         top5 = "n/a" if metrics["val_top5"] is None else f"{metrics['val_top5']:.2%}"
         scores = f"val top-1 {metrics['val_top1']:.2%}, top-5 {top5}"
-    print(f"Done: {metrics['epochs']} epochs, {scores}, {metrics['wall_time_s']:.0f} s, "
+    left_out = len(metrics["unreadable_files"])
+    unreadable = f", {left_out} unreadable files left out" if left_out else ""
+    print(f"Done: {metrics['epochs']} epochs, {scores}{unreadable}, {metrics['wall_time_s']:.0f} s, "
           f"{metrics['images_per_sec'] or 0:.0f} img/s, {metrics['params']:,} params -> {run_dir}")
     return metrics

@@ -1,9 +1,14 @@
 """Data sources and pipelines (keras_convmixer.data) on every backend; tf.data is the loader everywhere."""
 
+import io
 import logging
 import os
+import resource
+import struct
 import subprocess
 import sys
+import threading
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -84,7 +89,7 @@ def test_folder_skips_and_counts_corrupt_file(folder, caplog):
     assert images.min() >= 0 and images.max() <= 255
 
 
-def test_truncated_jpeg_counted_by_full_verify_and_dropped_by_tf_data(folder):
+def test_truncated_jpeg_counted_by_full_verify_and_by_tf_data(folder):
     root, _ = folder
     good = (root / "ant" / "000.jpg").read_bytes()
     (root / "ant" / "truncated.jpg").write_bytes(good[:-100])  # a valid header, the scan data cut short
@@ -92,9 +97,11 @@ def test_truncated_jpeg_counted_by_full_verify_and_dropped_by_tf_data(folder):
     full = data.load_source(f"folder:{root}", val_split=0, verify="full")
     assert sorted(Path(p).name for p in full.skipped_files) == ["corrupt.jpg", "truncated.jpg"]
     assert header.skipped == 1 and header.num_train == full.num_train + 1
-    # The header check lets it through; tf.data then drops it instead of failing the epoch.
+    # The header check lets it through; tf.data drops it instead of failing the epoch, and says so.
     images, _ = _batches(data.make_dataset(header.train, image_size=8, batch_size=64, training=False))
     assert len(images) == full.num_train
+    assert sorted(Path(p).name for p in header.skipped_files) == ["corrupt.jpg", "truncated.jpg"]
+    assert header.skipped == 2
 
 
 def test_gray_rgba_palette_become_rgb(folder):
@@ -303,6 +310,7 @@ def test_in_memory_cache_written_and_reused(folder, tmp_path):
     np.save(images_npy, np.full_like(np.load(images_npy), 7))
     again = data.load_in_memory(f"folder:{root}", image_size=16, val_split=0.2, seed=3, cache_dir=str(cache_dir))
     assert np.all(again.x_train == 7) and again.skipped == 1
+    assert again.failures == mem.failures and [Path(p).name for p in mem.failures] == ["corrupt.jpg"]
     # A changed folder is a different cache entry.
     _save(np.zeros((16, 16, 3), np.uint8), root / "ant" / "new.png")
     fresh = data.load_in_memory(f"folder:{root}", image_size=16, val_split=0.2, seed=3, cache_dir=str(cache_dir))
@@ -462,3 +470,273 @@ def test_tfds_source_on_a_locally_built_dataset(tmp_path):
     assert images.shape == (12, 8, 8, 3) and sorted(labels.tolist()) == sorted((np.arange(12) % 3).tolist())
     with pytest.raises(ValueError, match="no split"):
         data.load_source("tfds:tiny_convmixer_images", data_dir=data_dir, val_source="holdout")
+
+
+# ----------------------------------------------------------------------------- every file accounted for
+
+
+def _encoded(array, fmt, **kwargs):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_of_zeros(path, width, height):
+    """A black 1-bit PNG of ``width`` x ``height`` (a multiple of 500), written without holding its pixels."""
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    compressor = zlib.compressobj(1)
+    rows = bytes(1 + (width + 7) // 8) * 500  # each row: a filter byte, then the packed bits
+    idat = b"".join(compressor.compress(rows) for _ in range(height // 500)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture()
+def damaged(tmp_path):
+    """300 readable 8x8 images in two classes, and 4 JPEGs plus 1 PNG cut in half after a valid header."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "damaged"
+    bad = []
+    for c, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True)
+        for i in range(152):
+            fmt = "PNG" if i % 10 == 0 else "JPEG"
+            path = root / name / f"{i:03d}.{fmt.lower()[:3].replace('jpe', 'jpg')}"
+            encoded = _encoded(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), fmt)
+            if i in ((3, 77) if c == 0 else (40, 41, 150)):
+                encoded = encoded[: len(encoded) // 2]
+                bad.append(str(path))
+            path.write_bytes(encoded)
+    return root, sorted(bad)
+
+
+def test_every_undecodable_file_is_counted_and_named_in_every_pipeline(damaged, tmp_path):
+    root, bad = damaged
+    n_good = 304 - len(bad)
+    # The scan reads headers only: the damage is after them, so it finds nothing (and the folder is over 256 files).
+    src = data.load_source(f"folder:{root}", val_split=0)
+    assert src.num_train == 304 and src.skipped == 0
+    good_labels = [y for p, y in zip(src.train.paths, src.train.labels, strict=True) if p not in bad]
+    # Evaluation: every readable image comes out, with its label, and every other file is named with a reason.
+    evaluation = data.make_dataset(src.train, image_size=8, batch_size=32, training=False)
+    for _ in range(2):  # a second pass counts nothing twice
+        images, labels = _batches(evaluation)
+        assert len(images) == n_good
+        np.testing.assert_array_equal(labels, good_labels)
+        assert src.skipped == len(bad) and sorted(src.skipped_files) == bad
+    assert all(reason for reason in src.audit.failures.values())
+    assert f"{len(bad)} files could not be read (" in src.audit.summary()
+
+    # Training streams, each recording into its own audit: endless (one pass of batches, plus the one that
+    # shows the pass has ended), cached, and single passes with and without their remainder.
+    batch = 16
+    for kwargs in (
+        dict(repeat=True, cache=False),
+        dict(repeat=True, cache=True),
+        dict(repeat=False, cache=False),
+        dict(repeat=False, cache=True, drop_remainder=False),
+    ):
+        audit = data.DecodeAudit()
+        ds = data.make_dataset(src.train, image_size=8, batch_size=batch, training=True, audit=audit, **kwargs)
+        labels = []
+        for _, y in ds.take(n_good // batch + 1 if kwargs["repeat"] else -1):
+            labels += keras.ops.convert_to_numpy(y).tolist()
+        assert sorted(audit.failures) == bad, kwargs
+        assert len(audit) == len(bad)  # the second pass did not count them again
+        if kwargs.get("drop_remainder") is False:  # one whole pass: the labels are the good files' labels
+            assert Counter(labels) == Counter(good_labels)
+    # The in-memory PIL path names the same files, and remembers them in its cache.
+    for _ in range(2):
+        mem = data.load_in_memory(f"folder:{root}", image_size=8, val_split=0, cache_dir=str(tmp_path / "c"))
+        assert sorted(mem.failures) == bad and mem.skipped == len(bad) and len(mem.x_train) == n_good
+
+
+def test_a_batch_may_hold_several_passes(tmp_path):
+    root = tmp_path / "tiny"
+    bad = []
+    for i in range(5):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        encoded = _encoded(np.full((8, 8, 3), 40 * i, np.uint8), "JPEG")
+        path = root / f"c{i % 2}" / f"{i}.jpg"
+        path.write_bytes(encoded[: len(encoded) // 2] if i in (1, 4) else encoded)
+        bad += [str(path)] if i in (1, 4) else []
+    src = data.load_source(f"folder:{root}", val_split=0)
+    for cache in (False, True):
+        audit = data.DecodeAudit()
+        ds = data.make_dataset(
+            src.train, image_size=8, batch_size=8, training=True, repeat=True, cache=cache, audit=audit
+        )
+        (_, labels), *_ = ds.take(2)  # the first batch: two whole passes of the 3 good files, and then some
+        assert sorted(audit.failures) == sorted(bad)
+        assert Counter(keras.ops.convert_to_numpy(labels).tolist()[:6]) == {0: 4, 1: 2}  # files 0, 2 (c0) and 3 (c1)
+
+
+def test_partial_evaluation_names_the_failures_it_passed(damaged):
+    root, bad = damaged
+    src = data.load_source(f"folder:{root}", val_split=0)
+    ds = data.make_dataset(src.train, image_size=8, batch_size=50, training=False)
+    first = next(iter(ds))
+    seen_last = [p for p in src.train.paths if p not in bad][len(first[1]) - 1]
+    passed = [p for p in bad if p < seen_last]
+    assert passed and set(passed) <= set(src.skipped_files) <= set(bad)
+
+
+def test_decode_audit_is_thread_safe_and_keeps_the_first_reason():
+    audit = data.DecodeAudit()
+
+    def add(k):
+        for i in range(200):
+            audit.add(f"/x/{i % 50}.jpg", f"reason {k}")
+
+    threads = [threading.Thread(target=add, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(audit) == 50 and len(set(audit.failures.values())) <= 8
+    assert list(audit.failures) == [f"/x/{i}.jpg" for i in range(50)]  # the order they were found
+    summary = audit.summary(limit=2)
+    assert summary.startswith("50 files could not be read (/x/0.jpg: reason ") and summary.endswith("; and 48 more)")
+    assert "\n" not in summary
+    audit.failures.clear()  # a copy
+    assert len(audit) == 50
+
+
+def test_a_huge_image_is_named_and_never_decoded(tmp_path):
+    root = tmp_path / "bomb"
+    for name, side in (("a", 16), ("b", 8)):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            _save(np.full((side, side, 3), 40 * i, np.uint8), root / name / f"{i}.png")
+    big = _png_of_zeros(root / "a" / "big.png", 20000, 20000)
+    assert big.stat().st_size < 2_000_000
+    reason = "20000x20000 = 400,000,000 pixels, over the limit of 89,478,485"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    src = data.load_source(f"folder:{root}", val_split=0)
+    assert src.skipped_files == (str(big),) and reason in src.audit.failures[str(big)]
+    assert src.num_train == 6
+    # A split that the scan did not read: the pipeline reads the size from the encoded bytes instead.
+    split = data.Split("files", labels=np.zeros(2, np.int32), paths=(str(big), str(root / "a" / "0.png")), size=2)
+    audit = data.DecodeAudit()
+    images, _ = _batches(data.make_dataset(split, image_size=8, batch_size=2, training=False, audit=audit))
+    assert len(images) == 1 and list(audit.failures) == [str(big)] and reason in audit.failures[str(big)]
+    mem = data.load_in_memory(f"folder:{root}", image_size=8, val_split=0, cache_dir=str(tmp_path / "c"))
+    assert list(mem.failures) == [str(big)] and reason in mem.failures[str(big)] and len(mem.x_train) == 6
+    with pytest.raises(ValueError) as excinfo:
+        data.read_image(big)
+    assert str(big) in _one_line(excinfo) and reason in str(excinfo.value)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500, f"peak memory grew by {grown_mb:.0f} MB: the image was decoded"  # decoded: 1.2 GB
+    # The limit is the caller's to set, everywhere.
+    small = data.load_source(f"folder:{root}", val_split=0, max_pixels=64)
+    assert small.num_train == 3 and small.skipped == 4
+    assert "16x16 = 256 pixels, over the limit of 64" in small.audit.failures[str(root / "a" / "0.png")]
+    assert data.read_image(root / "b" / "0.png", max_pixels=64).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="over the limit of 63"):
+        data.read_image(root / "b" / "0.png", max_pixels=63)
+    with pytest.raises(ValueError, match="max_pixels"):
+        data.load_in_memory(f"folder:{root}", image_size=8, max_pixels=0)
+
+
+@pytest.mark.parametrize(
+    "fmt,kwargs,mode",
+    [
+        ("JPEG", {}, "RGB"),
+        ("PNG", {}, "RGB"),
+        ("GIF", {}, "P"),
+        ("BMP", {}, "RGB"),
+        ("WEBP", {"lossless": False}, "RGB"),  # VP8
+        ("WEBP", {"lossless": True}, "RGB"),  # VP8L
+        ("WEBP", {"lossless": False}, "RGBA"),  # VP8X (extended, for the alpha)
+    ],
+)
+def test_sizes_read_from_headers_match_pil_and_the_decoder(tmp_path, fmt, kwargs, mode):
+    rng = np.random.default_rng(3)
+    height, width = 13, 29
+    array = rng.integers(0, 256, (height, width, 4 if mode == "RGBA" else 3), dtype=np.uint8)
+    im = Image.fromarray(array)
+    if mode == "P":
+        im = im.convert("P")
+    path = tmp_path / f"image.{fmt.lower()}"
+    im.save(path, format=fmt, **kwargs)
+    with Image.open(path) as ref:  # the independent reference
+        assert ref.size == (width, height)
+    assert data._image_header(str(path)) == (fmt, (height, width))  # the scan's reader
+    contents = tf.io.read_file(str(path))
+    got = [int(v) for v in data._encoded_size(contents)]  # the pipeline's reader
+    assert got == [height, width]
+    assert tuple(tf.io.decode_image(contents, expand_animations=False).shape[:2]) == (height, width)
+
+
+def test_symlink_loop_counts_each_image_once(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "linked"
+    for name in ("x", "y"):
+        (root / name / "sub").mkdir(parents=True)
+        for i in range(24):
+            where = root / name / ("sub" if i % 2 else "") / f"{i:02d}.png"
+            _save(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), where)
+    os.symlink(root / "x", root / "x" / "sub" / "loop")  # x/sub/loop -> x: a cycle
+    os.symlink(root / "y" / "00.png", root / "y" / "again.png")  # one file under two names
+    with caplog.at_level(logging.WARNING, logger="keras_convmixer.data"):
+        src = data.load_source(f"folder:{root}", val_split=0.25, seed=0)
+    assert src.num_train + src.num_val == 48
+    assert dict(Counter(src.class_names[y] for y in np.concatenate([src.train.labels, src.val.labels]))) == {
+        "x": 24,
+        "y": 24,
+    }
+    real_train = {os.path.realpath(p) for p in src.train.paths}
+    real_val = {os.path.realpath(p) for p in src.val.paths}
+    assert len(real_train) == src.num_train and len(real_val) == src.num_val and real_train.isdisjoint(real_val)
+    assert any("reached again through links" in r.getMessage() for r in caplog.records)
+    mem = data.load_in_memory(f"folder:{root}", image_size=4, val_split=0, cache_dir=str(tmp_path / "c"))
+    assert len(mem.x_train) == 48
+
+
+def test_empty_class_and_single_class_warn(tmp_path, caplog):
+    root = tmp_path / "few"
+    for name, count in (("a", 3), ("b", 0), ("c", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            _save(np.zeros((4, 4, 3), np.uint8), root / name / f"{i}.png")
+    with caplog.at_level(logging.WARNING, logger="keras_convmixer.data"):
+        src = data.load_source(f"folder:{root}", val_split=0)
+    assert src.class_names == ["a", "b", "c"] and src.num_classes == 3  # the empty class keeps its output
+    (message,) = [r.getMessage() for r in caplog.records if "'b'" in r.getMessage()]
+    assert "no usable image files" in message and "kept as classes" in message and "\n" not in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_convmixer.data"):
+        mem = data.load_in_memory(f"folder:{root}", image_size=4, val_split=0, cache_dir=str(tmp_path / "c"))
+    assert mem.class_names == ["a", "b", "c"]
+    assert any("'b'" in r.getMessage() and "kept as classes" in r.getMessage() for r in caplog.records)
+    single = tmp_path / "single"
+    (single / "only").mkdir(parents=True)
+    _save(np.zeros((4, 4, 3), np.uint8), single / "only" / "0.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_convmixer.data"):
+        data.load_source(f"folder:{single}", val_split=0)
+    assert any("single class folder ('only')" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_given_as_a_folder(folder, tmp_path):
+    root, _ = folder
+    afile = tmp_path / "images.zip"
+    afile.write_bytes(b"PK not a folder")
+    calls = {
+        "source": lambda: data.load_source(f"folder:{afile}"),
+        "val_source": lambda: data.load_source(f"folder:{root}", val_source=str(afile)),
+        "in-memory source": lambda: data.load_in_memory(f"folder:{afile}", image_size=8),
+        "in-memory val_source": lambda: data.load_in_memory(
+            f"folder:{root}", image_size=8, val_source=f"folder:{afile}", cache_dir=str(tmp_path / "c")
+        ),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError) as excinfo:
+            call()
+        message = _one_line(excinfo)
+        assert f"data folder {afile} is a file, not a directory of class folders" in message, what
+        assert ("val_source" in message) == what.endswith("val_source"), what

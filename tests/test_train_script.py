@@ -135,3 +135,34 @@ def test_in_memory_stream_draws_every_image_across_short_epochs():
     for x, y in drawn:  # images travel with their labels
         np.testing.assert_array_equal(x["images"][:, 0, 0, 0], y)
         np.testing.assert_array_equal(x["labels"], y)
+
+
+@pytest.fixture(scope="module")
+def damaged_folder(folder, tmp_path_factory):
+    """The same folder plus 4 JPEGs cut after a valid header: the scan passes them, decoding fails."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("damaged") / "train"
+    shutil.copytree(folder, root)
+    damaged = []
+    for i, name in enumerate(("blue", "green", "red", "red")):
+        good = (root / name / "001.jpg").read_bytes()
+        path = root / name / f"cut{i}.jpg"
+        path.write_bytes(good[: len(good) // 2])
+        damaged.append(str(path))
+    return root, sorted(damaged)
+
+
+@pytest.mark.parametrize("path", ["tf.data", "in-memory"])
+def test_every_damaged_file_is_named_in_the_log_and_metrics(damaged_folder, tmp_path, path):
+    root, damaged = damaged_folder
+    extra = ["--in-memory", "--augment-on", "device"] if path == "in-memory" else []
+    if path == "tf.data":
+        pytest.importorskip("tensorflow")
+    run, out = train_script(["--recipe", "cifar10", "--data", f"folder:{root}", "--val-split", "60", *extra],
+                            tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert sorted(metrics["unreadable_files"]) == damaged
+    assert all(reason for reason in metrics["unreadable_files"].values())
+    logged = "\n".join(line for line in out.splitlines() if "unreadable image file" in line)
+    assert all(p in logged for p in damaged), out[-3000:]
