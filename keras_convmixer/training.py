@@ -195,6 +195,8 @@ def _check(cfg):
     if cfg["schedule"] not in ("onecycle", "cosine"):
         raise ValueError(f"--schedule must be 'onecycle' or 'cosine', got {cfg['schedule']!r}.")
     kind, arg = data.parse_source(cfg["data"])
+    if kind == "folder" and os.path.isfile(os.path.expanduser(arg)):
+        raise ValueError(f"Data folder {arg!r} is a file, not a directory of class folders.")
     if kind == "folder" and not os.path.isdir(os.path.expanduser(arg)):
         raise FileNotFoundError(f"Data folder {arg!r} does not exist.")
 

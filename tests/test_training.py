@@ -194,6 +194,7 @@ def test_resume_after_sigkill(tmp_path):
     (["--model", "convmixer_9_9"], "Unknown model"),
     (["--image-size", "30"], "not divisible by the patch size"),
     (["--data", "folder:/no/such/folder"], "does not exist"),
+    (["--data", f"folder:{os.path.abspath(__file__)}"], "is a file, not a directory of class folders"),
     (["--strategy", "mirrored" if BACKEND != "tensorflow" else "data-parallel"], "needs KERAS_BACKEND="),
     (["--in-memory", "--augment-on", "host"], "--augment-on device"),
     (["--lr", "-1"], "--lr -1.0 is out of range: it must be in (0, inf)"),
