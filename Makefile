@@ -43,8 +43,11 @@ BENCH_ARGS ?=
 bench: install
 	KERAS_BACKEND=jax $(PY) scripts/benchmark.py $(BENCH_ARGS)
 
+# Lint and formatting, checked only: `ruff format` (without --check) rewrites the files.
+LINT_PATHS := keras_convmixer scripts tests benchmarks
 lint: install
-	$(PY) -m ruff check keras_convmixer scripts tests
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -26,21 +26,23 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2471, 0.2435, 0.2616)
+# Run as a file (python benchmarks/recipe_parity.py), the repository root is not on the path by itself.
+sys.path.insert(0, str(REPO))
 
+from benchmarks.torch_convmixer import torch_convmixer  # noqa: E402  (after the path is set)
+from keras_convmixer.presets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 
 # ----------------------------------------------------------------------------- the shared split
 
 
 def carve_split(data_root, val_count, split_seed=0):
     """``(train_files, train_labels, val_files, val_labels)`` exactly as the library splits the folder."""
-    sys.path.insert(0, str(REPO))
     # The library imports Keras; the torch backend keeps TensorFlow out of this process.
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    from keras_convmixer.data import _list_folder, stratified_split
+    from keras_convmixer.data import stratified_split
+    from keras_convmixer.data.folders import list_folder
 
-    _, files, labels = _list_folder(Path(data_root).expanduser())
+    _, files, labels = list_folder(Path(data_root).expanduser())
     train_idx, val_idx = stratified_split(labels, val_count, seed=split_seed)
     files = np.asarray(files)
     return list(files[train_idx]), labels[train_idx], list(files[val_idx]), labels[val_idx]
@@ -55,41 +57,6 @@ def _import_torchvision():
     from tests.vision_reference import import_vision
 
     return import_vision()[1]
-
-
-def build_torch_convmixer(dim, depth, kernel_size, patch_size, n_classes=10):
-    """The paper's nn.Sequential ConvMixer, PyTorch default init."""
-    from torch import nn
-
-    class Residual(nn.Module):
-        def __init__(self, fn):
-            super().__init__()
-            self.fn = fn
-
-        def forward(self, x):
-            return self.fn(x) + x
-
-    return nn.Sequential(
-        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size),
-        nn.GELU(),
-        nn.BatchNorm2d(dim),
-        *[
-            nn.Sequential(
-                Residual(nn.Sequential(
-                    nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
-                    nn.GELU(),
-                    nn.BatchNorm2d(dim),
-                )),
-                nn.Conv2d(dim, dim, kernel_size=1),
-                nn.GELU(),
-                nn.BatchNorm2d(dim),
-            )
-            for _ in range(depth)
-        ],
-        nn.AdaptiveAvgPool2d((1, 1)),
-        nn.Flatten(),
-        nn.Linear(dim, n_classes),
-    )
 
 
 def one_cycle(epochs, lr_max):
@@ -134,28 +101,36 @@ def run_torch(seed, split, cfg, log=print):
     random.seed(seed)
     np.random.seed(seed)
 
-    normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
-    train_tf = T.Compose([
-        T.RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandAugment(num_ops=cfg["ra_n"], magnitude=cfg["ra_m"]),
-        T.ColorJitter(0.0, 0.0, 0.0),
-        T.ToTensor(),
-        normalize,
-        T.RandomErasing(p=0.0),
-    ])
+    normalize = T.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+    train_tf = T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandAugment(num_ops=cfg["ra_n"], magnitude=cfg["ra_m"]),
+            T.ColorJitter(0.0, 0.0, 0.0),
+            T.ToTensor(),
+            normalize,
+            T.RandomErasing(p=0.0),
+        ]
+    )
     eval_tf = T.Compose([T.ToTensor(), normalize])
 
     workers = cfg["workers"]
     loader_kw = dict(num_workers=workers, worker_init_fn=_seed_worker, persistent_workers=workers > 0)
     train_loader = torch.utils.data.DataLoader(
-        _FileDataset(train_files, train_labels, train_tf), batch_size=cfg["batch_size"], shuffle=True,
-        drop_last=True, generator=torch.Generator().manual_seed(seed), **loader_kw)
+        _FileDataset(train_files, train_labels, train_tf),
+        batch_size=cfg["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kw,
+    )
     val_loader = torch.utils.data.DataLoader(
-        _FileDataset(val_files, val_labels, eval_tf), batch_size=500, shuffle=False, **loader_kw)
+        _FileDataset(val_files, val_labels, eval_tf), batch_size=500, shuffle=False, **loader_kw
+    )
     steps = min(cfg["steps"], len(train_loader))
 
-    model = build_torch_convmixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], 10)
+    model = torch_convmixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], 10)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     criterion = nn.CrossEntropyLoss()
     lr_schedule = one_cycle(cfg["epochs"], cfg["lr"])
@@ -177,8 +152,10 @@ def run_torch(seed, split, cfg, log=print):
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
-        log(f"[torch seed {seed}] epoch {epoch + 1}/{cfg['epochs']}: loss {loss_sum / seen:.4f} "
-            f"train top-1 {correct / seen:.4f} lr {lr:.5f} ({time.perf_counter() - te:.0f} s)")
+        log(
+            f"[torch seed {seed}] epoch {epoch + 1}/{cfg['epochs']}: loss {loss_sum / seen:.4f} "
+            f"train top-1 {correct / seen:.4f} lr {lr:.5f} ({time.perf_counter() - te:.0f} s)"
+        )
     train_time = time.perf_counter() - t0
 
     model.eval()
@@ -190,8 +167,15 @@ def run_torch(seed, split, cfg, log=print):
     wall = time.perf_counter() - t0
     top1 = correct / total
     log(f"[torch seed {seed}] val top-1 {top1:.4f} on {total} images, wall {wall:.0f} s")
-    return dict(side="torch", path="torch+torchvision (official recipe)", seed=seed, val_top1=top1,
-                num_val=total, wall_time_s=round(wall, 1), train_time_s=round(train_time, 1))
+    return dict(
+        side="torch",
+        path="torch+torchvision (official recipe)",
+        seed=seed,
+        val_top1=top1,
+        num_val=total,
+        wall_time_s=round(wall, 1),
+        train_time_s=round(train_time, 1),
+    )
 
 
 # ----------------------------------------------------------------------------- our side
@@ -200,14 +184,46 @@ def run_torch(seed, split, cfg, log=print):
 def run_ours(seed, cfg, backend, extra, out_dir, log=print):
     run_dir = Path(out_dir) / f"ours_{backend}_seed{seed}"
     cmd = [
-        sys.executable, str(REPO / "scripts" / "train.py"), "--recipe", "cifar10",
-        "--data", f"folder:{cfg['data']}", "--val-split", str(cfg["val_count"]), "--model", "custom",
-        "--dim", str(cfg["dim"]), "--depth", str(cfg["depth"]), "--kernel-size", str(cfg["kernel_size"]),
-        "--patch-size", str(cfg["patch_size"]), "--epochs", str(cfg["epochs"]),
-        "--steps-per-epoch", str(cfg["steps"]), "--batch-size", str(cfg["batch_size"]),
-        "--lr", str(cfg["lr"]), "--weight-decay", str(cfg["weight_decay"]),
-        "--randaug-n", str(cfg["ra_n"]), "--randaug-m", str(cfg["ra_m"]),
-        "--precision", "float32", "--seed", str(seed), "--output-dir", str(run_dir), "--verbose", "2",
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--recipe",
+        "cifar10",
+        "--data",
+        f"folder:{cfg['data']}",
+        "--val-split",
+        str(cfg["val_count"]),
+        "--model",
+        "custom",
+        "--dim",
+        str(cfg["dim"]),
+        "--depth",
+        str(cfg["depth"]),
+        "--kernel-size",
+        str(cfg["kernel_size"]),
+        "--patch-size",
+        str(cfg["patch_size"]),
+        "--epochs",
+        str(cfg["epochs"]),
+        "--steps-per-epoch",
+        str(cfg["steps"]),
+        "--batch-size",
+        str(cfg["batch_size"]),
+        "--lr",
+        str(cfg["lr"]),
+        "--weight-decay",
+        str(cfg["weight_decay"]),
+        "--randaug-n",
+        str(cfg["ra_n"]),
+        "--randaug-m",
+        str(cfg["ra_m"]),
+        "--precision",
+        "float32",
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(run_dir),
+        "--verbose",
+        "2",
         *shlex.split(extra or ""),
     ]
     env = {**os.environ, "KERAS_BACKEND": backend}
@@ -229,8 +245,11 @@ def run_ours(seed, cfg, backend, extra, out_dir, log=print):
         log(f"[ours {backend} seed {seed}] FAILED {row['error']}")
         return row
     metrics = json.loads(metrics_file.read_text())
-    row.update(val_top1=metrics.get("val_top1"), train_time_s=metrics.get("train_time_s"),
-               images_per_sec=metrics.get("images_per_sec"))
+    row.update(
+        val_top1=metrics.get("val_top1"),
+        train_time_s=metrics.get("train_time_s"),
+        images_per_sec=metrics.get("images_per_sec"),
+    )
     log(f"[ours {backend} seed {seed}] val top-1 {row['val_top1']}, wall {wall:.0f} s")
     return row
 
@@ -297,13 +316,20 @@ def _seeds(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     a = p.add_argument
     a("--side", choices=["torch", "ours", "both"], default="both")
     a("--seeds", type=_seeds, default=[0, 1], help="training seeds (the split seed is always 0)")
-    a("--backend", choices=["tensorflow", "jax", "torch"], default=os.environ.get("KERAS_BACKEND", "jax"),
-      help="KERAS_BACKEND for our side")
+    a(
+        "--backend",
+        choices=["tensorflow", "jax", "torch"],
+        default=os.environ.get("KERAS_BACKEND", "jax"),
+        help="KERAS_BACKEND for our side",
+    )
     a("--ours-args", default="", help='extra flags for scripts/train.py, e.g. "--in-memory --augment-on device"')
     a("--data", default="/tmp/cifar10/train", help="folder of <class>/*.jpg (the CIFAR-10 training split)")
     a("--val-count", type=int, default=5000, help="stratified validation images carved from --data")
@@ -352,9 +378,11 @@ def main(argv=None):
         print(msg, flush=True)
 
     cfg = dict(vars(args), data=str(Path(args.data).expanduser()))
-    budget = (f"ConvMixer-{args.dim}/{args.depth} k{args.kernel_size} p{args.patch_size}, {args.epochs} ep x "
-              f"{args.steps} steps x {args.batch_size}, lr {args.lr}, wd {args.weight_decay}, "
-              f"RandAugment n{args.ra_n} m{args.ra_m}")
+    budget = (
+        f"ConvMixer-{args.dim}/{args.depth} k{args.kernel_size} p{args.patch_size}, {args.epochs} ep x "
+        f"{args.steps} steps x {args.batch_size}, lr {args.lr}, wd {args.weight_decay}, "
+        f"RandAugment n{args.ra_n} m{args.ra_m}"
+    )
     log(f"budget: {budget}")
     out_dir = Path(args.out).parent
     split = None

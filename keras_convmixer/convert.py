@@ -6,21 +6,21 @@ patch, classes) is read off the tensor shapes; the activation comes from the
 matching named variant (the released 768/32 uses ReLU), or is given.
 """
 
+import logging
 import os
 import re
+import time
 
 import numpy as np
 
 from keras_convmixer import rundir
-from keras_convmixer.models import IMAGENET_MEAN, IMAGENET_STD, MODEL_CONFIGS, ConvMixer
-
-# timm's evaluation transform for its ConvMixer weights.
-TIMM_CROP_PCT = 0.96
-TIMM_INTERPOLATION = "bicubic"
+from keras_convmixer.errors import first_line
+from keras_convmixer.presets import MODEL_CONFIGS, TIMM_NAMES, canonical_name, eval_preset
 
 _TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar", ".bin", ".ckpt")
 _BN_PARTS = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, moving mean/var
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -59,7 +59,7 @@ def _read_safetensors(path):
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"{path!r} is not a readable safetensors file (truncated or corrupt?): {_first_line(err)}"
+            f"{path!r} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}"
         ) from None
 
 
@@ -81,7 +81,7 @@ def _read_torch(path):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
         raise CheckpointError(
-            f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}"
+            f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(err)}"
         ) from None
     if isinstance(obj, dict):
         for key in ("state_dict_ema", "state_dict", "model"):
@@ -97,15 +97,10 @@ def _read_torch(path):
     return state
 
 
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def to_timm_names(state):
     """Strip ``module.`` prefixes and map the official ``nn.Sequential`` names
     (``0.weight``, ``3.0.fn.0.weight``, ...) onto timm's (``stem.0.weight`` ...)."""
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     if "stem.0.weight" in state or "0.weight" not in state:
         return state
     # Official layout: 0 conv, 1 act, 2 BN, 3..3+d-1 blocks, then pool, flatten, Linear.
@@ -181,14 +176,12 @@ def infer_config(shapes, variant=None, activation=None):
 
 
 def _variant_key(name):
-    """Registry key for ours or timm's names (``convmixer_1024_20_ks9_p14``)."""
-    key = str(name).strip().lower().replace("-", "_")
-    m = re.match(r"^convmixer_?(\d+)_(\d+)", key)
-    if m:
-        key = f"convmixer_{m.group(1)}_{m.group(2)}"
-    if key not in MODEL_CONFIGS:
-        raise CheckpointError(f"Unknown variant {name!r}. Known: {', '.join(sorted(MODEL_CONFIGS))}.")
-    return key
+    """Registry key for ours or timm's names (``convmixer_1024_20_ks9_p14``, with or without a pretrained tag
+    such as ``.in1k``)."""
+    try:
+        return canonical_name(str(name).strip().split(".")[0])
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -260,13 +253,39 @@ def load_state_dict(model, state, depth=None):
     return model
 
 
+def checkpoint_eval_preset(variant):
+    """The eval transform and normalisation a checkpoint was trained and measured with: its variant's, and for
+    a shape that matches no named variant, that of timm's ConvMixer checkpoints (which all share one)."""
+    return eval_preset(variant or next(iter(TIMM_NAMES)))
+
+
 def build_from_checkpoint(path, *, variant=None, activation=None, image_size=224):
     """Read a checkpoint and return ``(model, arch)``; the model outputs logits."""
+    from keras_convmixer.models import ConvMixer
+
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"image_size must be a positive whole number, got {image_size!r}.")
+    image_size = int(image_size)
+    # A full-size checkpoint takes tens of seconds to read, build and copy: say where the time goes.
+    start = time.perf_counter()
     state = read_checkpoint(path)
     arch = infer_config(state, variant=variant, activation=activation)
-    image_size = int(image_size)
+    logger.info(
+        "Read %d tensors (%.0f MB) from %s in %.1f s: ConvMixer-%d/%d, kernel %d, patch %d, %s, %d classes.",
+        len(state),
+        sum(np.asarray(v).nbytes for v in state.values()) / 1e6,
+        path,
+        time.perf_counter() - start,
+        arch["dim"],
+        arch["depth"],
+        arch["kernel_size"],
+        arch["patch_size"],
+        arch["activation"],
+        arch["classes"],
+    )
     if image_size % arch["patch_size"]:
         raise ValueError(f"image_size {image_size} is not a multiple of the patch size {arch['patch_size']}.")
+    preset = checkpoint_eval_preset(arch["variant"])
     model = ConvMixer(
         arch["dim"],
         arch["depth"],
@@ -276,11 +295,13 @@ def build_from_checkpoint(path, *, variant=None, activation=None, image_size=224
         classes=arch["classes"],
         classifier_activation=None,
         input_shape=(image_size, image_size, 3),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=preset["mean"],
+        std=preset["std"],
         name=arch["variant"] or "convmixer",
     )
+    logger.info("Built the Keras model at %d px (%.1f s).", image_size, time.perf_counter() - start)
     load_state_dict(model, state, depth=arch["depth"])
+    logger.info("Copied the weights (%.1f s).", time.perf_counter() - start)
     return model, arch
 
 
@@ -304,16 +325,17 @@ def convert_checkpoint(path, output_dir, *, variant=None, activation=None, image
     model.save_weights(os.path.join(output_dir, "model.weights.h5"))
     rundir.save_model(model, os.path.join(output_dir, "model.keras"))
     kwargs = {k: arch[k] for k in ("dim", "depth", "kernel_size", "patch_size", "activation")}
+    preset = checkpoint_eval_preset(arch["variant"])
     config = {
         "model": arch["variant"] or "custom",
         "model_kwargs": dict(kwargs, classes=arch["classes"]),
         "image_size": image_size,
         "num_classes": arch["classes"],
         "class_names": list(class_names),
-        "crop_pct": TIMM_CROP_PCT,
-        "interpolation": TIMM_INTERPOLATION,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "crop_pct": preset["crop_pct"],
+        "interpolation": preset["interpolation"],
+        "mean": list(preset["mean"]),
+        "std": list(preset["std"]),
         "data": None,
         "converted_from": os.path.abspath(os.fspath(path)),
     }

@@ -26,7 +26,7 @@ import os
 
 import keras
 
-from keras_convmixer.inference import is_saved_model_dir, logits_model, open_model
+from keras_convmixer.artifacts import is_saved_model_dir, logits_model, open_model
 
 FORMATS = ("savedmodel", "onnx", "keras")
 TOP_K = 5
@@ -85,7 +85,7 @@ def export_saved_model(bundle, output, verbose=False):
 def _write_saved_model(bundle, output, verbose):
     import tensorflow as tf
 
-    from keras_convmixer.data import eval_transform
+    from keras_convmixer.data.tf_pipeline import eval_transform
 
     model = bundle.model
     size, crop_pct, interpolation = bundle.image_size, bundle.crop_pct, bundle.interpolation
@@ -253,8 +253,12 @@ def export_onnx(bundle, output, verbose=False):
         verbose=verbose,
     )
     _name_onnx_io(path, ONNX_INPUT, ONNX_OUTPUT)
-    return {"model.onnx": {ONNX_INPUT: f"float32 [N, {size}, {size}, 3] in [0, 255], eval-transformed",
-                           "returns": [ONNX_OUTPUT]}}
+    return {
+        "model.onnx": {
+            ONNX_INPUT: f"float32 [N, {size}, {size}, 3] in [0, 255], eval-transformed",
+            "returns": [ONNX_OUTPUT],
+        }
+    }
 
 
 def _name_onnx_io(path, input_name, output_name):
@@ -348,8 +352,12 @@ def export_keras(bundle, output, verbose=False):
     """``model.keras`` (as trained: raw [0, 255] pixels in, logits out) for Keras users."""
     os.makedirs(output, exist_ok=True)
     bundle.model.save(os.path.join(output, "model.keras"))
-    return {"model.keras": {"input": f"float32 [N, {bundle.image_size}, {bundle.image_size}, 3] in [0, 255]",
-                            "returns": ["model output (logits for training runs)"]}}
+    return {
+        "model.keras": {
+            "input": f"float32 [N, {bundle.image_size}, {bundle.image_size}, 3] in [0, 255]",
+            "returns": ["model output (logits for training runs)"],
+        }
+    }
 
 
 # --------------------------------------------------------------------------- provenance

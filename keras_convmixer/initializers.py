@@ -18,7 +18,9 @@ import math
 
 import keras
 
-INITIALIZERS = ("torch", "keras")
+# The scheme names live with the rest of the config vocabulary, which the command line reads without Keras.
+from keras_convmixer.recipes import INITIALIZERS
+
 KERNEL_LAYOUTS = ("conv", "depthwise", "dense")
 
 

@@ -44,8 +44,7 @@ def get_activation(activation):
         return keras.activations.get(activation)
     except ValueError:
         raise ValueError(
-            f"Unknown activation {activation!r}: use 'gelu', 'relu' or any "
-            "name keras.activations.get accepts."
+            f"Unknown activation {activation!r}: use 'gelu', 'relu' or any name keras.activations.get accepts."
         ) from None
 
 
@@ -193,9 +192,7 @@ class ConvMixerBlock(layers.Layer):
             name="depthwise",
             **depthwise_initializers(self.initializer, self.kernel_size),
         )
-        self.dw_bn = layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon, dtype=policy, name="dw_bn"
-        )
+        self.dw_bn = layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, dtype=policy, name="dw_bn")
         self.pointwise = layers.Conv2D(
             self.dim,
             1,
@@ -204,16 +201,13 @@ class ConvMixerBlock(layers.Layer):
             name="pointwise",
             **conv_initializers(self.initializer, fan_in=self.dim),
         )
-        self.pw_bn = layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon, dtype=policy, name="pw_bn"
-        )
+        self.pw_bn = layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, dtype=policy, name="pw_bn")
 
     def build(self, input_shape):
         channels = input_shape[-1]
         if channels is not None and channels != self.dim:
             raise ValueError(
-                f"ConvMixerBlock(dim={self.dim}) got an input with {channels} channels; "
-                "the residual needs them equal."
+                f"ConvMixerBlock(dim={self.dim}) got an input with {channels} channels; the residual needs them equal."
             )
         for sublayer in (self.depthwise, self.dw_bn, self.pointwise, self.pw_bn):
             sublayer.build(input_shape)

@@ -1,38 +1,31 @@
-"""ConvMixer as a functional Keras model, named variants and a registry.
+"""ConvMixer as a functional Keras model, the named variants' builders and a registry.
 
-The named variants are rows of ``MODEL_CONFIGS``; each public builder
-(``ConvMixer1536_20`` ...) is made from its row by ``_make_builder``.
+The variants are rows of ``presets.MODEL_CONFIGS``; each public builder (``ConvMixer1536_20`` ...)
+is made from its row by ``_make_builder``, with its own signature and docstring.
 """
 
+import inspect
 import os
 import re
+import textwrap
 
 import keras
 from keras import layers
 
+from keras_convmixer.errors import first_line
 from keras_convmixer.initializers import dense_initializers, validate_initializer
 from keras_convmixer.layers import BN_EPSILON, BN_MOMENTUM, ConvMixerBlock, PatchEmbed
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-
-_IMAGENET = dict(default_size=224, classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-_CIFAR10 = dict(default_size=32, classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-
-# name: architecture (h, d, k, p, activation) + dataset defaults.
-MODEL_CONFIGS = {
-    "convmixer_1536_20": dict(dim=1536, depth=20, kernel_size=9, patch_size=7, activation="gelu", **_IMAGENET),
-    # The released 768/32 weights were trained with ReLU.
-    "convmixer_768_32": dict(dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu", **_IMAGENET),
-    "convmixer_1024_20": dict(dim=1024, depth=20, kernel_size=9, patch_size=14, activation="gelu", **_IMAGENET),
-    "convmixer_1536_24": dict(dim=1536, depth=24, kernel_size=9, patch_size=14, activation="gelu", **_IMAGENET),
-    "convmixer_1024_16": dict(dim=1024, depth=16, kernel_size=9, patch_size=7, activation="gelu", **_IMAGENET),
-    "convmixer_512_16": dict(dim=512, depth=16, kernel_size=8, patch_size=7, activation="gelu", **_IMAGENET),
-    "convmixer_256_8": dict(dim=256, depth=8, kernel_size=5, patch_size=2, activation="gelu", **_CIFAR10),
-    "convmixer_256_16": dict(dim=256, depth=16, kernel_size=9, patch_size=1, activation="gelu", **_CIFAR10),
-}
+from keras_convmixer.presets import (
+    ARCHITECTURE_KEYS,
+    CIFAR10_MEAN,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODEL_CONFIGS,
+    canonical_name,
+    list_models,
+    public_name,
+    trainable_params,
+)
 
 _POOLINGS = (None, "avg", "max")
 
@@ -63,24 +56,7 @@ def ConvMixer(
     initializer="torch",
     name="convmixer",
 ):
-    """Build a ConvMixer-``dim``/``depth`` as a functional ``keras.Model``.
-
-    Arguments follow ``keras.applications``. With ``include_preprocessing``
-    the model takes raw pixels in [0, 255] and normalises with ``mean``/``std``
-    (fractions of 1, per RGB channel). ``input_shape=(None, None, 3)`` gives a
-    model for any input size that is a multiple of ``patch_size``.
-
-    ``include_top=False`` returns the final feature map (``pooling=None``) or
-    pooled features (``"avg"``/``"max"``). ``feature_extractor=True`` returns
-    a dict of the stem's and every block's feature maps.
-    ``weights`` is ``None`` or the path of a ``.weights.h5``/``.keras`` file.
-    ``depthwise_impl`` (``"auto"``/``"keras"``/``"xla"``/``"fast"``) is passed to every
-    ``ConvMixerBlock``; it changes how the depthwise convolution runs, not the weights.
-    ``initializer="torch"`` (default) starts every conv and the head as PyTorch's
-    ``nn.Conv2d``/``nn.Linear`` do, U(+-1/sqrt(fan_in)) for kernels and biases, which
-    the published results were trained from; ``"keras"`` keeps Keras's
-    ``glorot_uniform`` kernels and zero biases. BatchNorm starts at gamma=1, beta=0.
-    """
+    # The docstring is generated below from _ARG_DOCS, which the variant builders share.
     validate_initializer(initializer)
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
@@ -126,7 +102,10 @@ def ConvMixer(
         # the loss and metrics then get float32 logits (TF's in_top_k rejects bf16/fp16 ones).
         head_dtype = "float32" if keras.mixed_precision.global_policy().name.startswith("mixed") else None
         outputs = layers.Dense(
-            classes, activation=classifier_activation, name="head", dtype=head_dtype,
+            classes,
+            activation=classifier_activation,
+            name="head",
+            dtype=head_dtype,
             **dense_initializers(initializer, dim),
         )(x)
     elif pooling == "avg":
@@ -160,7 +139,7 @@ def _load_weights(model, path):
             f"{found[3]} has shape {found[1]} in this model but "
             f"{tuple(int(d) for d in re.findall(r'[0-9]+', found[2]))} in the file"
             if found
-            else str(err).strip().splitlines()[0]
+            else first_line(err)
         )
         raise ValueError(
             f"Weights file {os.fspath(path)!r} does not fit {model.name}: {detail}. "
@@ -168,27 +147,120 @@ def _load_weights(model, path):
         ) from None
 
 
-def _make_builder(key, public_name):
-    config = MODEL_CONFIGS[key]
+# One description per argument, shared by ConvMixer's docstring and every builder's.
+_ARG_DOCS = {
+    "dim": "channels of every layer after the stem (h in the paper).",
+    "depth": "number of ConvMixer blocks (d).",
+    "kernel_size": "side of the depthwise kernels (k).",
+    "patch_size": "side and stride of the patch-embedding convolution (p); the input's height and width "
+    "must be multiples of it.",
+    "activation": '`"gelu"` (the exact erf form, as PyTorch\'s `nn.GELU`), `"relu"` or any name '
+    "`keras.activations.get` accepts.",
+    "include_top": "whether to end with the classifier: global average pooling, optional dropout and a dense layer.",
+    "include_preprocessing": "whether the model takes raw pixels in [0, 255] and normalises them itself "
+    "with `mean` and `std`.",
+    "input_shape": "`(height, width, 3)`; `(None, None, 3)` accepts any size that is a multiple of the patch size.",
+    "input_tensor": "optional Keras tensor (the output of `keras.Input()`) to use as the image input.",
+    "pooling": 'with `include_top=False`: `None` returns the last feature map, `"avg"` or `"max"` pooled features.',
+    "classes": "number of classes of the head.",
+    "classifier_activation": "activation of the head; `None` returns logits.",
+    "dropout": "dropout rate before the head.",
+    "weights": "`None` (random initialisation) or the path of a `.weights.h5`/`.keras` file. Nothing is "
+    "downloaded: convert a timm checkpoint with `scripts/convert_timm.py` and pass its path.",
+    "mean": "per-channel RGB mean of the built-in normalisation, as fractions of 1.",
+    "std": "per-channel RGB standard deviation of the built-in normalisation, as fractions of 1.",
+    "feature_extractor": "return a dict of the stem's and every block's feature maps instead.",
+    "bn_momentum": "BatchNorm momentum in Keras's convention (PyTorch's 0.1 is 0.9 here).",
+    "bn_epsilon": "BatchNorm epsilon (PyTorch's default).",
+    "default_size": "input side when `input_shape` is not given.",
+    "depthwise_impl": '`"auto"`, `"keras"`, `"xla"` or `"fast"`: how the depthwise convolutions run; '
+    "it does not change the weights.",
+    "initializer": '`"torch"` starts every convolution and the head as PyTorch\'s `nn.Conv2d`/`nn.Linear` '
+    "do, U(+-1/sqrt(fan_in)) for kernels and biases, which the published models were trained from; "
+    '`"keras"` keeps Keras\'s `glorot_uniform` kernels and zero biases. BatchNorm starts at gamma=1, beta=0.',
+    "name": "the model's name.",
+}
 
-    def builder(**kwargs):
-        return ConvMixer(**{**config, "name": key, **kwargs})
+_PAPER = "Reference:\n- [Patches Are All You Need?](https://arxiv.org/abs/2201.09792) (Trockman & Kolter, TMLR 2023)\n"
 
-    builder.__name__ = builder.__qualname__ = public_name
+
+def _args_section(signature, shown_defaults=None):
+    shown_defaults = shown_defaults or {}
+    lines = ["Args:"]
+    for param in signature.parameters.values():
+        default = shown_defaults.get(param.name)
+        if default is None and param.default is not inspect.Parameter.empty:
+            default = f"`{param.default!r}`"
+        text = f"{param.name}: {_ARG_DOCS[param.name]}" + (f" Defaults to {default}." if default else "")
+        lines.append(textwrap.fill(text, 100, initial_indent="    ", subsequent_indent="        "))
+    return "\n".join(lines) + "\n\nReturns:\n    A `keras.Model`.\n"
+
+
+ConvMixer.__doc__ = (
+    "Instantiates a ConvMixer-dim/depth as a functional `keras.Model`.\n\n"
+    + _PAPER
+    + "\nThe named variants have their own builders (`ConvMixer1536_20`, ... see `list_models()`).\n\n"
+    + _args_section(inspect.signature(ConvMixer), {"input_shape": "`(default_size, default_size, 3)`"})
+)
+
+_NORMALISATIONS = {IMAGENET_MEAN: "ImageNet", CIFAR10_MEAN: "CIFAR-10"}
+_ACTIVATION_NAMES = {"gelu": "GELU", "relu": "ReLU"}
+# The architecture and the default input size are what a variant is; a builder does not take them.
+_FIXED = (*ARCHITECTURE_KEYS, "default_size")
+
+
+def _make_builder(key):
+    row = MODEL_CONFIGS[key]
+    builder_name = public_name(key)
+    fixed = {k: row[k] for k in _FIXED}
+    defaults = dict(classes=row["classes"], mean=row["mean"], std=row["std"], name=key)
+    signature = inspect.Signature(
+        [
+            param.replace(default=defaults.get(param.name, param.default))
+            for param in inspect.signature(ConvMixer).parameters.values()
+            if param.name not in fixed
+        ]
+    )
+
+    def builder(*args, **kwargs):
+        for arg in _FIXED:
+            if arg in kwargs:
+                hint = "pass input_shape" if arg == "default_size" else "build it with ConvMixer(...)"
+                raise ValueError(
+                    f"{builder_name} fixes {arg}={fixed[arg]!r}: for another {arg.replace('_', ' ')}, {hint}."
+                )
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:  # the message names the argument but not the function
+            raise TypeError(f"{builder_name}() {err}") from None
+        bound.apply_defaults()
+        return ConvMixer(**fixed, **bound.arguments)
+
+    size = row["default_size"]
+    activation = _ACTIVATION_NAMES.get(row["activation"], row["activation"])
+    params = trainable_params(row["dim"], row["depth"], row["kernel_size"], row["patch_size"], row["classes"])
+    builder.__name__ = builder.__qualname__ = builder_name
+    builder.__signature__ = signature
+    defaults_text = (
+        f"Defaults: {size}x{size}x3 input in [0, 255], {row['classes']} classes, "
+        f"{_NORMALISATIONS.get(tuple(row['mean']), 'custom')} normalisation inside the model; "
+        f"{params:,} trainable parameters at these defaults (BatchNorm statistics excluded). "
+        f"Evaluated at {size}x{size}, crop_pct {row['crop_pct']}, {row['interpolation']} resizing "
+        f"(`presets.eval_preset({key!r})`)."
+    )
     builder.__doc__ = (
-        f"ConvMixer-{config['dim']}/{config['depth']} (kernel {config['kernel_size']}, "
-        f"patch {config['patch_size']}, {config['activation']}); defaults: "
-        f"{config['default_size']}x{config['default_size']} input, {config['classes']} classes.\n\n"
-        "Accepts every keyword argument of ``ConvMixer``."
+        f"Instantiates ConvMixer-{row['dim']}/{row['depth']} (kernel {row['kernel_size']}, "
+        f"patch {row['patch_size']}, {activation}), registry name `{key}`.\n\n"
+        + _PAPER
+        + "\n"
+        + textwrap.fill(defaults_text, 100)
+        + "\n\n"
+        + _args_section(signature, {"input_shape": f"`({size}, {size}, 3)`"})
     )
     return builder
 
 
-def _public_name(key):
-    return "ConvMixer" + key[len("convmixer_"):]
-
-
-BUILDERS = {key: _make_builder(key, _public_name(key)) for key in MODEL_CONFIGS}
+BUILDERS = {key: _make_builder(key) for key in MODEL_CONFIGS}
 
 ConvMixer1536_20 = BUILDERS["convmixer_1536_20"]
 ConvMixer768_32 = BUILDERS["convmixer_768_32"]
@@ -199,22 +271,19 @@ ConvMixer512_16 = BUILDERS["convmixer_512_16"]
 ConvMixer256_8 = BUILDERS["convmixer_256_8"]
 ConvMixer256_16 = BUILDERS["convmixer_256_16"]
 
-
-def list_models():
-    """Registry names accepted by ``get_model`` and ``--model``."""
-    return sorted(MODEL_CONFIGS)
-
-
-def canonical_name(name):
-    """Map ``"ConvMixer1536_20"``, ``"convmixer-1536-20"`` etc. to a registry key."""
-    key = str(name).strip().lower().replace("-", "_")
-    if key.startswith("convmixer") and not key.startswith("convmixer_"):
-        key = "convmixer_" + key[len("convmixer"):]
-    if key not in MODEL_CONFIGS:
-        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.")
-    return key
+__all__ = [
+    "BUILDERS",
+    "ConvMixer",
+    *(builder.__name__ for builder in BUILDERS.values()),
+    "canonical_name",
+    "get_model",
+    "list_models",
+]
 
 
 def get_model(name, **kwargs):
-    """Build a registered variant by name, e.g. ``get_model("convmixer_256_8")``."""
+    """Build a registered variant by name, e.g. ``get_model("convmixer_256_8", classes=4)``.
+
+    ``name`` is a registry key, a builder name or timm's name; ``kwargs`` are the builder's.
+    """
     return BUILDERS[canonical_name(name)](**kwargs)

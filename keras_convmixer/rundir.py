@@ -15,7 +15,7 @@ Layout::
     last.keras       the classifier after the last finished epoch
     best.keras       the classifier at its best epoch
     metrics.json     summary written when the run ends
-    curves.png       loss, top-1 and learning-rate curves
+    curves.png       loss, top-1, learning-rate (per step) and images/s curves
     backup/          optimizer + model checkpoints for resuming
     .lock            held (fcntl) by the process training into the directory
 """
@@ -32,6 +32,9 @@ import re
 import shutil
 import socket
 import time
+
+from keras_convmixer.errors import first_line
+from keras_convmixer.jsontext import json_text
 
 CONFIG, HISTORY, BEST, METRICS, CURVES = "config.json", "history.csv", "best.json", "metrics.json", "curves.png"
 LAST_MODEL, BEST_MODEL, BACKUP, LOCK = "last.keras", "best.keras", "backup", ".lock"
@@ -56,16 +59,12 @@ class RunDirBusy(RunDirError):
 
 
 def _fsync_dir(directory):
-    try:
+    with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename is still atomic
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _disk_error(path, err):
@@ -75,8 +74,11 @@ def _disk_error(path, err):
     except OSError:
         free = "free space unknown"
     reason = "the filesystem is read-only" if err.errno == errno.EROFS else f"no space left ({free})"
-    return RunDirError(err.errno, f"cannot write {path}: {reason}; nothing written so far is lost: "
-                                  "free space and re-run the same command to resume")
+    return RunDirError(
+        err.errno,
+        f"cannot write {path}: {reason}; nothing written so far is lost: "
+        "free space and re-run the same command to resume",
+    )
 
 
 @contextlib.contextmanager
@@ -103,10 +105,8 @@ def atomic_path(path):
 
 
 def _remove_quietly(path):
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def _disk_errors_as_oserror(path, fn):
@@ -132,8 +132,6 @@ def write_text(path, text: str):
 
 
 def write_json(path, obj):
-    from keras_convmixer.cli import json_text
-
     write_text(path, json_text(json.loads(json.dumps(obj, default=str))) + "\n")
 
 
@@ -204,30 +202,50 @@ def best_of(rows, monitor):
     return best
 
 
-def plot_curves(history_rows, path):
-    import matplotlib
+def curves_figure(history_rows, lr_curve=None, title=None, note=None):
+    """A matplotlib figure of a run: loss, top-1, the learning rate and training images/s against epochs.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``lr_curve`` is ``(t, lr)`` with ``t`` in fractional epochs, one point per optimizer step or a
+    sample of them (``schedules.learning_rate_curve``): drawn per step, a one-cycle shows its peak,
+    which the once-an-epoch ``lr`` column of the history misses. Without it that column is drawn."""
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
-    def column(key):
-        return [v for v in (history_value(r, key) for r in history_rows) if v is not None]
-
-    epochs = [int(r["epoch"]) + 1 for r in history_rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = (("loss", ("loss", "val_loss")), ("top-1 accuracy", ("top1", "val_top1")), ("learning rate", ("lr",)))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
+    fig = Figure(figsize=(12, 7.5))
+    axes = fig.subplots(2, 2)
+    panels = (
+        ("loss", ("loss", "val_loss")),
+        ("top-1 accuracy", ("top1", "val_top1")),
+        ("learning rate", ("lr",)),
+        ("training images/s", ("images_per_sec",)),
+    )
+    for ax, (name, keys) in zip(axes.flat, panels, strict=True):
         for key in keys:
-            values = column(key)
-            if values:
-                ax.plot(epochs[: len(values)], values, marker="o", label=key)
-        ax.set_title(title)
+            if key == "lr" and lr_curve is not None:
+                ax.plot(*lr_curve, label="lr per step")
+                continue
+            points = [(int(r["epoch"]) + 1, history_value(r, key)) for r in history_rows]
+            points = [(e, v) for e, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=key)
+        ax.set_title(name)
         ax.set_xlabel("epoch")
-        ax.legend()
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    return fig
+
+
+def plot_curves(history_rows, path, lr_curve=None, title=None, note=None):
+    """Write ``curves_figure(...)`` to ``path`` as a PNG."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+        curves_figure(history_rows, lr_curve, title, note).savefig(tmp, dpi=100, format="png")
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -286,8 +304,11 @@ class RunDir:
             holder = f.read().strip() or "another process"
             f.close()
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunDirBusy(err.errno, f"run dir {self.path} is in use by {holder}: wait for that run to end, "
-                                            "or pass another --output-dir") from None
+                raise RunDirBusy(
+                    err.errno,
+                    f"run dir {self.path} is in use by {holder}: wait for that run to end, "
+                    "or pass another --output-dir",
+                ) from None
             raise
         f.seek(0)
         f.truncate()
@@ -356,12 +377,13 @@ class RunDir:
                     model.load_weights(path)
                     break
                 except Exception as err:  # h5py/Keras raise many types for a damaged file
-                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    log(f"Backup {path} is unreadable ({reason}); falling back to the previous checkpoint.")
+                    log(f"Backup {path} is unreadable ({first_line(err)}); falling back to the previous checkpoint.")
             epochs -= 1
         if epochs < len(rows):
-            log(f"Resuming from epoch {epochs} of {len(rows)} recorded: the history after it is dropped "
-                "and those epochs are trained again.")
+            log(
+                f"Resuming from epoch {epochs} of {len(rows)} recorded: the history after it is dropped "
+                "and those epochs are trained again."
+            )
             write_text(self / HISTORY, history_csv(rows[:epochs]))
         return epochs
 
@@ -370,16 +392,26 @@ def check_resumable(saved, current, may_change, run_dir):
     """Refuse to continue a run with other settings, another backend or another class list."""
     current = json.loads(json.dumps(current, default=str))
     if saved.get("backend") and current.get("backend") and saved["backend"] != current["backend"]:
-        raise ValueError(f"{run_dir} was trained with KERAS_BACKEND={saved['backend']}, not {current['backend']}: "
-                         "its optimizer state resumes only on the same backend; set KERAS_BACKEND="
-                         f"{saved['backend']} to resume it, or pass a new --output-dir")
+        raise ValueError(
+            f"{run_dir} was trained with KERAS_BACKEND={saved['backend']}, not {current['backend']}: "
+            "its optimizer state resumes only on the same backend; set KERAS_BACKEND="
+            f"{saved['backend']} to resume it, or pass a new --output-dir"
+        )
     old, new = saved.get("class_names"), current.get("class_names")
     if old is not None and new is not None and list(old) != list(new):
         added, removed = [c for c in new if c not in old], [c for c in old if c not in new]
-        diff = "; ".join(part for part in (f"added {', '.join(added[:5])}" if added else "",
-                                           f"removed {', '.join(removed[:5])}" if removed else "") if part)
-        raise ValueError(f"the classes of {current.get('data')} changed since {run_dir} began "
-                         f"({diff or 'same names, new order'}): pass a new --output-dir")
+        diff = "; ".join(
+            part
+            for part in (
+                f"added {', '.join(added[:5])}" if added else "",
+                f"removed {', '.join(removed[:5])}" if removed else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"the classes of {current.get('data')} changed since {run_dir} began "
+            f"({diff or 'same names, new order'}): pass a new --output-dir"
+        )
     skip = set(may_change) | {"class_names", "num_classes", "backend"}
     changed = sorted(k for k in current if k not in skip and k in saved and saved[k] != current[k])
     if changed:

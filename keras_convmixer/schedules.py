@@ -1,4 +1,4 @@
-"""Learning-rate schedules evaluated per optimizer step, and a callback that logs the lr.
+"""Learning-rate schedules evaluated per optimizer step, and the lr curve of a whole run.
 
 ``OneCycle`` is the paper's triangular schedule. It is a ``LearningRateSchedule`` written
 with ``keras.ops`` so it runs inside the compiled train step on every backend and is saved
@@ -6,6 +6,7 @@ with the optimizer (a callback could only change the lr once per epoch).
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -20,8 +21,9 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, peak_lr, total_steps, steps_per_epoch=1, name="one_cycle"):
         if total_steps <= 0 or steps_per_epoch <= 0:
-            raise ValueError(f"OneCycle needs total_steps > 0 and steps_per_epoch > 0, got {total_steps}, "
-                             f"{steps_per_epoch}.")
+            raise ValueError(
+                f"OneCycle needs total_steps > 0 and steps_per_epoch > 0, got {total_steps}, {steps_per_epoch}."
+            )
         self.peak_lr = float(peak_lr)
         self.total_steps = int(total_steps)
         self.steps_per_epoch = int(steps_per_epoch)
@@ -43,8 +45,9 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         return ops.where(t < x3, lr, ops.zeros_like(lr))
 
     def get_config(self):
-        return dict(peak_lr=self.peak_lr, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                    name=self.name)
+        return dict(
+            peak_lr=self.peak_lr, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, name=self.name
+        )
 
 
 def cosine_with_warmup(peak_lr, total_steps, warmup_steps=0, final_fraction=0.0):
@@ -60,17 +63,25 @@ def cosine_with_warmup(peak_lr, total_steps, warmup_steps=0, final_fraction=0.0)
     )
 
 
-def current_learning_rate(optimizer):
-    """The lr the optimizer's next step will use, as a Python float."""
-    lr = optimizer.learning_rate  # evaluates a schedule at optimizer.iterations
-    return float(ops.convert_to_numpy(lr))
+def learning_rate_curve(schedule, total_steps, steps_per_epoch, max_points=2048):
+    """``(t, lr)``: the lr of optimizer steps across a run, ``t`` in fractional epochs after each step.
 
-
-class LearningRateLogger(keras.callbacks.Callback):
-    """Puts ``lr`` into the epoch logs, so the progress bar, CSVLogger and TensorBoard show it.
-    Put it before those callbacks: they read the same logs dict. Epoch-level only: a per-batch
-    read would evaluate the schedule and sync with the device after every step."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["lr"] = current_learning_rate(self.model.optimizer)
+    Up to ``max_points`` evenly spread steps plus the last step of every epoch, where the one-cycle
+    knots lie, so its peak is drawn at its true height.
+    """
+    total_steps, steps_per_epoch = int(total_steps), int(steps_per_epoch)
+    spread = np.linspace(0, total_steps - 1, min(total_steps, max_points)).round()
+    ends = np.arange(steps_per_epoch - 1, total_steps, steps_per_epoch)
+    steps = np.unique(np.concatenate([spread, ends])).astype("int64")
+    # A schedule that branches with ops.cond (Keras's warm-up CosineDecay) cannot take a vector of
+    # steps; vectorized_map turns the branch into a select where the backend can (JAX, TensorFlow).
+    for evaluate in (lambda s: schedule(s), lambda s: ops.vectorized_map(schedule, s)):
+        try:
+            lr = np.asarray(ops.convert_to_numpy(evaluate(ops.convert_to_tensor(steps))), dtype="float64")
+            if lr.shape == steps.shape:
+                break
+        except Exception:  # each backend fails its own way on a branch over a vector
+            pass
+    else:
+        lr = np.array([float(ops.convert_to_numpy(schedule(int(s)))) for s in steps])
+    return (steps + 1) / steps_per_epoch, lr

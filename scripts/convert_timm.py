@@ -1,56 +1,17 @@
-"""Convert a timm (model.safetensors) or official (.pth.tar) ConvMixer checkpoint to Keras.
+"""Convert a timm or official ConvMixer checkpoint to Keras (the ``convmixer-convert`` command).
 
-Writes OUTPUT/model.weights.h5 (for e.g. ``ConvMixer1536_20(weights=...)``),
-OUTPUT/model.keras (logits) and OUTPUT/config.json, so OUTPUT works as a run
-dir for scripts/export.py, evaluate.py and predict.py.
-
-    python scripts/convert_timm.py model.safetensors --output converted/convmixer_768_32
+Kept for ``python scripts/convert_timm.py``; the code is in keras_convmixer/cli/convert.py.
 """
 
-import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from keras_convmixer.cli.common import load_main  # noqa: E402  (after the path is set)
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="model.safetensors (timm) or .pth/.pth.tar (official; needs torch)")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--variant", help="expected variant, e.g. convmixer_768_32 (checked against the shapes)")
-    parser.add_argument("--activation", choices=("gelu", "relu"),
-                        help="override the activation (default: the matching variant's, else gelu)")
-    parser.add_argument("--image-size", type=int, default=224, help="model input size (default 224)")
-    parser.add_argument("--class-names", help="text file with one class name per line (default class_0 ...)")
-    return parser
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        from keras_convmixer import convert
-        from keras_convmixer.cli import USER_ERRORS, fail
-    except ImportError as err:  # an unknown KERAS_BACKEND, a missing package: one line, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
-
-    try:
-        class_names = None
-        if args.class_names:
-            with open(args.class_names) as f:
-                class_names = [line.strip() for line in f if line.strip()]
-        config = convert.convert_checkpoint(
-            args.checkpoint, args.output, variant=args.variant, activation=args.activation,
-            image_size=args.image_size, class_names=class_names,
-        )
-    except USER_ERRORS as err:
-        fail(parser, err)
-    kwargs = config["model_kwargs"]
-    print(f"{config['model']}: dim {kwargs['dim']}, depth {kwargs['depth']}, kernel {kwargs['kernel_size']}, "
-          f"patch {kwargs['patch_size']}, {kwargs['activation']}, {kwargs['classes']} classes -> {args.output}")
-    return 0
-
+# An unknown KERAS_BACKEND or a missing package: one line and exit 2, like a bad flag.
+main = load_main("keras_convmixer.cli.convert", __file__)
 
 if __name__ == "__main__":
     sys.exit(main())

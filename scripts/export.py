@@ -1,40 +1,17 @@
-"""Export a trained ConvMixer (run dir or .keras) as a SavedModel, ONNX or .keras.
+"""Export a run as a SavedModel, ONNX or .keras (the ``convmixer-export`` command).
 
-    KERAS_BACKEND=jax python scripts/export.py runs/cifar --format savedmodel --output exported/cifar
+Kept for ``python scripts/export.py``; the code is in keras_convmixer/cli/export.py.
 """
 
-import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from keras_convmixer.cli.common import load_main  # noqa: E402  (after the path is set)
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run dir (config.json + best.keras) or a .keras file")
-    parser.add_argument("--format", required=True, choices=("savedmodel", "onnx", "keras"), dest="fmt")
-    parser.add_argument("--output", help="output directory (default: <run>/export/<format>)")
-    parser.add_argument("--verbose", action="store_true", help="print what Keras exports")
-    return parser
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        from keras_convmixer import export
-        from keras_convmixer.cli import USER_ERRORS, fail
-    except ImportError as err:  # an unknown KERAS_BACKEND, a missing package: one line, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {(str(err).splitlines() or [type(err).__name__])[0]}\n")
-
-    try:
-        output = export.export_model(args.model, args.fmt, output=args.output, verbose=args.verbose)
-    except (*USER_ERRORS, export.ExportBackendError) as err:
-        fail(parser, err)
-    print(output)
-    return 0
-
+# An unknown KERAS_BACKEND or a missing package: one line and exit 2, like a bad flag.
+main = load_main("keras_convmixer.cli.export", __file__)
 
 if __name__ == "__main__":
     sys.exit(main())

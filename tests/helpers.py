@@ -1,7 +1,57 @@
 """Shared test helpers (not tests)."""
 
+import csv
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The ConvMixer the end-to-end training tests train: seconds per epoch on every backend.
+TINY_MODEL = dict(dim=32, depth=1, kernel_size=3, patch_size=2)
+# TINY_MODEL on 8x8 digits (their native size). lr 0.2: with 2 epochs the one-cycle knots floor(2T/5) and
+# floor(4T/5) are both 0, so the schedule starts at lr/20 = 0.01 and decays linearly.
+TINY_DEMO = dict(TINY_MODEL, image_size=8, batch_size=32, lr=0.2)
+
+
+def cli_flags(**settings):
+    """Command-line flags for ``settings``: ``--name value``, underscores as dashes; True gives the bare flag."""
+    flags = []
+    for name, value in settings.items():
+        flags.append("--" + name.replace("_", "-"))
+        if value is not True:
+            flags.append(str(value))
+    return flags
+
+
+# The demo recipe's flags for TINY_DEMO, one log line per epoch; each test adds its epochs.
+TINY_FLAGS = cli_flags(**TINY_DEMO, verbose=2)
+
+
+def run_script(args, env_extra=None, timeout=300, **kwargs):
+    """Run ``python *args`` in the repository root on this backend, TensorFlow's native logging off.
+
+    ``env_extra`` sets variables; a None value removes one.
+    """
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": keras.backend.backend(),
+        "PYTHONPATH": ROOT,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **(env_extra or {}),
+    }
+    env = {name: value for name, value in env.items() if value is not None}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def rows(path):
+    """The rows of a CSV file (a run's history.csv) as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def randomize_batchnorm(model, seed=0):

@@ -1,22 +1,18 @@
-"""scripts/benchmark.py: argument errors, defaults, and what one tiny run prints."""
+"""benchmarks/benchmark.py (``make bench``): argument errors, defaults, and what one tiny run prints.
+
+In-process: a subprocess per case would re-import keras (~20 s each on the CI box)."""
 
 import importlib.util
 import json
-from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+from benchmarks import benchmark
+from benchmarks.benchmark_input import benchmark_dataset
+
 BACKEND = keras.backend.backend()
-
-
-def _load_script():
-    # In-process: a subprocess per case would re-import keras (~20 s each on the CI box).
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
@@ -32,21 +28,27 @@ def _load_script():
 )
 def test_cli_errors_are_one_line_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _load_script().parse_args(argv)
+        benchmark.parse_args(argv)
     assert exit_info.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert len(error_lines) == 1 and message in error_lines[0]
 
 
 def test_cli_defaults_are_the_cpu_comparison():
-    args = _load_script().parse_args([])
+    args = benchmark.parse_args([])
     assert args.op_shape == dict(batch_size=8, tokens=32, dim=256, kernel_size=9)
     train, infer = args.train, args.infer
     assert (train["config"]["dim"], train["config"]["depth"], train["batch_size"], train["image_size"]) == (
-        256, 8, 64, 32
+        256,
+        8,
+        64,
+        32,
     )
     assert (infer["config"]["dim"], infer["config"]["depth"], infer["batch_size"], infer["image_size"]) == (
-        1024, 20, 16, 224
+        1024,
+        20,
+        16,
+        224,
     )
     assert args.precision == "float32" and args.what == ["op", "train", "inference"]
     # Pallas's CPU interpreter is not timed by default; "xla" is, wherever the backend is.
@@ -55,10 +57,27 @@ def test_cli_defaults_are_the_cpu_comparison():
 
 def test_tiny_run_prints_every_measurement_and_a_table(capsys):
     torch_installed = importlib.util.find_spec("torch") is not None
-    argv = ["--op-shape", "2,6,8,5", "--dim", "8", "--depth", "1", "--train-batch-size", "2",
-            "--infer-batch-size", "2", "--train-image-size", "8", "--infer-image-size", "28",
-            "--steps", "1", "--warmup", "0"]
-    records = _load_script().main(argv)
+    argv = [
+        "--op-shape",
+        "2,6,8,5",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+        "--train-batch-size",
+        "2",
+        "--infer-batch-size",
+        "2",
+        "--train-image-size",
+        "8",
+        "--infer-image-size",
+        "28",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    records = benchmark.main(argv)
     printed = capsys.readouterr().out
     json_lines = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     assert json_lines == records
@@ -84,3 +103,14 @@ def test_tiny_run_prints_every_measurement_and_a_table(capsys):
     header = table[0]
     assert f"{BACKEND}:keras" in header and (not torch_installed or "pytorch:pytorch_channels_last" in header)
     assert len(table) == 2 + 4
+
+
+def test_benchmark_dataset_counts_images_after_the_warmup_batches():
+    seconds = iter(range(100))  # each read of the clock is one second later
+    batches = [(np.zeros((n, 2)), None) for n in (4, 4, 4, 4, 2)]
+    result = benchmark_dataset(batches, max_batches=4, warmup_batches=2, clock=lambda: float(next(seconds)))
+    # Clock reads: start 0, after batch 2: 1, end: 2. Batches 3 and 4 (8 images) count for the steady rate.
+    assert result == {"images": 16, "seconds": 2.0, "images_per_s": 8.0}
+    seconds = iter(range(100))
+    everything = benchmark_dataset(batches, warmup_batches=2, clock=lambda: float(next(seconds)))
+    assert everything["images"] == 18 and everything["images_per_s"] == 10.0

@@ -1,8 +1,7 @@
-"""evaluate / predict / export / convert_timm CLIs on a tiny model trained on generated colour images."""
+"""The evaluate / predict / export / convert commands and the scripts/ front ends, on a tiny model trained on
+generated colour images."""
 
-import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -13,128 +12,52 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import keras_convmixer as kc
-from keras_convmixer.data import eval_transform
-from tests.shipping import softmax
+from tests.shipping import (
+    CLASSES,
+    MISLABELLED,
+    PER_CLASS,
+    SIZE,
+    TOTAL,
+    error_lines,
+    make_trained,
+    one_error_line,
+    run_cli,
+    softmax,
+    torchvision_eval_images,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
-# Sorted, as class folders are listed.
-COLOURS = {
-    "black": (0, 0, 0),
-    "blue": (0, 0, 255),
-    "cyan": (0, 255, 255),
-    "green": (0, 255, 0),
-    "magenta": (255, 0, 255),
-    "red": (255, 0, 0),
-    "white": (255, 255, 255),
-    "yellow": (255, 255, 0),
-}
-CLASSES = list(COLOURS)
-SIZE = 16
-PER_CLASS = 4
-MISLABELLED = 2  # red images filed under "green": a perfect colour classifier gets exactly these wrong
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_cli(name, argv, capsys):
-    """Run a script's main() in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = load_script(name).main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _noisy(colour, rng, h, w):
-    base = np.array(colour, "float32")[None, None, :]
-    return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype("uint8")
-
-
-def _write_folder(root, rng):
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for i in range(PER_CLASS):
-            Image.fromarray(_noisy(colour, rng, 20, 26)).save(root / name / f"{i}.png")
-    for i in range(MISLABELLED):
-        Image.fromarray(_noisy(COLOURS["red"], rng, 22, 18)).save(root / "green" / f"red_{i}.png")
-
-
-class _UnregisteredSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Stands in for a training run's custom schedule: its optimizer cannot be deserialized
-    by a process that has not imported it, which must not stop evaluate/predict."""
-
-    def __call__(self, step):
-        return keras.ops.convert_to_tensor(0.02)
-
-    def get_config(self):
-        return {}
-
-
-def _train(rng):
-    x = np.concatenate([[_noisy(c, rng, SIZE, SIZE) for _ in range(16)] for c in COLOURS.values()]).astype("float32")
-    y = np.repeat(np.arange(len(COLOURS)), 16)
-    model = kc.ConvMixer(16, 1, 3, 4, classes=len(COLOURS), classifier_activation=None, input_shape=(SIZE, SIZE, 3))
-    model.compile(
-        keras.optimizers.Adam(_UnregisteredSchedule()),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    for _ in range(20):
-        model.fit(x, y, batch_size=32, epochs=5, shuffle=True, verbose=0)
-        if (model.predict(x, verbose=0).argmax(-1) == y).all():
-            return model
-    pytest.fail("the tiny colour classifier did not fit its (trivially separable) training set")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    tmp = tmp_path_factory.mktemp("cli")
-    data = tmp / "colours"
-    _write_folder(data, rng)
-    model = _train(rng)
-    run = tmp / "run"
-    run.mkdir()
-    model.save(run / "best.keras")
-    config = {
-        "model": "custom",
-        "model_kwargs": dict(dim=16, depth=1, kernel_size=3, patch_size=4, classes=len(CLASSES)),
-        "image_size": SIZE,
-        "num_classes": len(CLASSES),
-        "class_names": CLASSES,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "data": f"folder:{data}",
-        "val_split": 0.25,
-        "seed": 0,
-    }
-    (run / "config.json").write_text(json.dumps(config))
-    return dict(model=model, run=run, data=data, tmp=tmp)
+    return make_trained(tmp_path_factory.mktemp("cli"))
+
+
+def _tf_eval_images(files):
+    """The tf.data eval transform evaluate runs (the SavedModel's graph runs the same one)."""
+    from keras_convmixer.data.tf_pipeline import eval_transform
+
+    images = []
+    for path in files:
+        with Image.open(path) as image:
+            images.append(np.asarray(eval_transform(np.asarray(image.convert("RGB")), SIZE, 1.0, "bilinear")))
+    return np.stack(images)
 
 
 def _independent_metrics(model, data_root):
     """Top-1/top-5/loss counted here from model.predict, file by file."""
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(CLASSES):
         for path in sorted((data_root / name).iterdir()):
-            image = np.asarray(Image.open(path).convert("RGB"))
-            images.append(np.asarray(eval_transform(image, SIZE, 1.0, "bilinear")))
+            files.append(path)
             labels.append(label)
-    logits = model.predict(np.stack(images), verbose=0).astype("float64")
+    logits = model.predict(_tf_eval_images(files), verbose=0).astype("float64")
     labels = np.array(labels)
     probs = softmax(logits)
     top5 = np.argsort(-logits, -1)[:, :5]
     return dict(
-        n=len(labels),
         top1=float((logits.argmax(-1) == labels).mean()),
         top5=float((top5 == labels[:, None]).any(-1).mean()),
         loss=float(-np.log(probs[np.arange(len(labels)), labels]).mean()),
@@ -145,36 +68,61 @@ def test_evaluate_counts_accuracy_on_known_answer(trained, capsys, tmp_path):
     report_file = tmp_path / "report.json"
     code, out, err = run_cli(
         "evaluate",
-        [trained["run"], "--data", f"folder:{trained['data']}", "--split", "train", "--val-split", "0",
-         "--report", report_file],
+        [
+            trained["run"],
+            "--data",
+            f"folder:{trained['data']}",
+            "--split",
+            "train",
+            "--val-split",
+            "0",
+            "--report",
+            report_file,
+            "--batch-size",
+            "8",
+        ],
         capsys,
     )
     assert code == 0, err
     report = json.loads(out)
-    total = len(CLASSES) * PER_CLASS + MISLABELLED
-    assert report["num_images"] == total
+    assert report["num_images"] == TOTAL
     # Every image is classified by its colour, so exactly the mislabelled ones are wrong.
-    assert report["top1"] == pytest.approx((total - MISLABELLED) / total, abs=1e-12)
+    assert report["top1"] == pytest.approx((TOTAL - MISLABELLED) / TOTAL, abs=1e-12)
     expected = _independent_metrics(trained["model"], trained["data"])
     assert expected["top1"] == pytest.approx(report["top1"], abs=1e-12)
     assert report["top5"] == pytest.approx(expected["top5"], abs=1e-12)
     assert report["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    # The mislabelled red images are the confusion matrix's only off-diagonal entry.
+    counts = np.array(report["confusion_matrix"]["counts"])
+    green, red = CLASSES.index("green"), CLASSES.index("red")
+    assert counts[green, red] == MISLABELLED and counts.trace() == TOTAL - MISLABELLED
+    per_class = {row["class"]: row["top1"] for row in report["per_class"]}
+    assert per_class["green"] == pytest.approx(PER_CLASS / (PER_CLASS + MISLABELLED))
+    assert all(value == 1.0 for name, value in per_class.items() if name != "green")
+    # The PNG goes beside the report by default, and the report says where.
+    png = tmp_path / "report_confusion.png"
+    assert report["confusion_png"] == str(png)
+    with Image.open(png) as image:
+        assert image.format == "PNG"
     assert json.loads(report_file.read_text()) == report
+    # Progress went to stderr: 5 batches of up to 8 images, each one a tenth of the pass and more.
+    progress = [line for line in err.splitlines() if line.startswith("INFO Evaluated")]
+    assert [line.split(" (")[0] for line in progress] == [f"INFO Evaluated batches: {i} of 5" for i in range(1, 6)]
 
 
 def test_evaluate_defaults_to_the_runs_validation_split(trained, capsys):
     code, out, err = run_cli("evaluate", [trained["run"]], capsys)
     assert code == 0, err
     report = json.loads(out)
-    total = len(CLASSES) * PER_CLASS + MISLABELLED
     assert report["split"] == "val" and report["data"] == f"folder:{trained['data']}"
-    assert 0 < report["num_images"] < total
+    assert 0 < report["num_images"] < TOTAL
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert "confusion_png" not in report  # no --output, no --confusion-png: no picture
 
 
-def _predict_reference(model, path):
-    image = np.asarray(Image.open(path).convert("RGB"))
-    return softmax(model.predict(np.asarray(eval_transform(image, SIZE, 1.0, "bilinear"))[None], verbose=0))[0]
+def _predict_reference(model, paths, tf_transform=False):
+    images = _tf_eval_images(paths) if tf_transform else torchvision_eval_images(paths, SIZE, 1.0)
+    return softmax(model.predict(images, verbose=0))
 
 
 def test_predict_folder_and_file_with_class_names(trained, capsys):
@@ -184,9 +132,9 @@ def test_predict_folder_and_file_with_class_names(trained, capsys):
     results = json.loads(out)
     assert [Path(r["file"]).name for r in results] == ["0.png", "1.png", "2.png", "3.png", "0.png"]
     assert [r["top_k"][0]["class"] for r in results] == ["red"] * 4 + ["cyan"]
-    for r in results:
+    expected = _predict_reference(trained["model"], [r["file"] for r in results])
+    for r, probs in zip(results, expected, strict=True):
         assert len(r["top_k"]) == 5
-        probs = _predict_reference(trained["model"], r["file"])
         order = np.argsort(-probs)[:5]
         assert [t["class"] for t in r["top_k"]] == [CLASSES[i] for i in order]
         np.testing.assert_allclose([t["score"] for t in r["top_k"]], probs[order], atol=1e-5)
@@ -196,9 +144,10 @@ def test_predict_folder_and_file_with_class_names(trained, capsys):
 def exported(trained):
     if BACKEND not in ("tensorflow", "jax"):
         pytest.skip(f"SavedModel export runs from TF/JAX, not {BACKEND}")
+    from keras_convmixer.cli import export
+
     out = trained["tmp"] / "exported"
-    code = load_script("export").main([str(trained["run"]), "--format", "savedmodel", "--output", str(out)])
-    assert code == 0
+    assert export.main([str(trained["run"]), "--format", "savedmodel", "--output", str(out)]) == 0
     return out
 
 
@@ -209,7 +158,7 @@ def test_evaluate_and_predict_accept_a_savedmodel(trained, exported, capsys):
     from_saved = json.loads(out)
     code, out, err = run_cli("evaluate", [trained["run"], *args], capsys)
     from_run = json.loads(out)
-    for key in ("num_images", "top1", "top5"):
+    for key in ("num_images", "top1", "top5", "confusion_matrix"):
         assert from_saved[key] == from_run[key]
     assert from_saved["loss"] == pytest.approx(from_run["loss"], rel=1e-4)
     assert from_saved["model_kind"] == "savedmodel"
@@ -218,7 +167,7 @@ def test_evaluate_and_predict_accept_a_savedmodel(trained, exported, capsys):
     code, out, err = run_cli("predict", [exported, image, "--trust-savedmodel"], capsys)
     assert code == 0, err
     top5 = json.loads(out)[0]["top_k"]
-    probs = _predict_reference(trained["model"], image)
+    probs = _predict_reference(trained["model"], [image], tf_transform=True)[0]
     assert top5[0]["class"] == "yellow"
     np.testing.assert_allclose([t["score"] for t in top5], np.sort(probs)[::-1][:5], atol=1e-4)
 
@@ -230,7 +179,7 @@ def _corrupt_image(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script, argv, message",
+    "command, argv, message",
     [
         ("predict", ["{tmp}/nope", "{data}/red/0.png"], "does not exist"),
         ("predict", ["{run}", "{tmp}/missing.png"], "does not exist"),
@@ -239,24 +188,26 @@ def _corrupt_image(tmp_path):
         ("evaluate", ["{run}", "--data", "folder:{tmp}/no_such_folder"], "no_such_folder"),
         ("evaluate", ["{run}", "--data", "digits"], "10 classes but the model has 8"),
         ("evaluate", ["{run}", "--data", "bogus:thing"], "bogus"),
+        ("evaluate", ["{run}", "--batch-size", "0"], "--batch-size: expected a positive integer"),
         ("export", ["{run}", "--format", "tflite"], "invalid choice"),
         ("export", ["{tmp}", "--format", "keras"], "neither a run dir"),
-        ("convert_timm", ["{broken}", "--output", "{tmp}/out"], "Unknown checkpoint type"),
+        ("convert", ["{broken}", "--output", "{tmp}/out"], "Unknown checkpoint type"),
+        ("convert", ["{broken}", "--output", "{tmp}/out", "--image-size", "-4"], "--image-size"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(trained, capsys, tmp_path, script, argv, message):
+def test_bad_input_exits_2_with_one_line(trained, capsys, tmp_path, command, argv, message):
     broken = _corrupt_image(tmp_path)
     fill = dict(tmp=tmp_path, data=trained["data"], run=trained["run"], broken=broken)
-    code, out, err = run_cli(script, [a.format(**fill) for a in argv], capsys)
+    code, out, err = run_cli(command, [a.format(**fill) for a in argv], capsys)
     assert code == 2
-    lines = [line for line in err.strip().splitlines() if not line.startswith("usage:") and line.strip()]
+    lines = [line for line in error_lines(err) if not line.startswith("usage:")]
     lines = [line for line in lines if "error:" in line or not line.startswith(" ")]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert message in lines[0]
 
 
-def test_convert_timm_then_export_keras(capsys, tmp_path):
+def test_convert_then_export_keras(capsys, tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
@@ -267,15 +218,25 @@ def test_convert_timm_then_export_keras(capsys, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("w\nx\ny\nz\n")
     code, out, err = run_cli(
-        "convert_timm",
-        [tmp_path / "model.safetensors", "--output", tmp_path / "conv", "--activation", "relu",
-         "--image-size", 16, "--class-names", names],
+        "convert",
+        [
+            tmp_path / "model.safetensors",
+            "--output",
+            tmp_path / "conv",
+            "--activation",
+            "relu",
+            "--image-size",
+            16,
+            "--class-names",
+            names,
+        ],
         capsys,
     )
     assert code == 0, err
     assert "dim 8, depth 1, kernel 3, patch 4, relu, 4 classes" in out
     code, out, err = run_cli("export", [tmp_path / "conv", "--format", "keras", "--output", tmp_path / "k"], capsys)
     assert code == 0, err
+    assert out == f"Wrote the keras export to {tmp_path / 'k'}\n"
     model = keras.saving.load_model(tmp_path / "k" / "model.keras")
     x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), torch_logits(reference, x), atol=1e-4)
@@ -286,20 +247,20 @@ def test_convert_timm_then_export_keras(capsys, tmp_path):
     del torch
 
 
-def test_reports_are_strict_json_even_for_non_finite_scores():
-    from keras_convmixer.cli import json_text
-
-    text = json_text([{"file": "a.png", "top_k": [{"class": "cat", "score": float("nan")}]},
-                      {"loss": float("inf"), "top1": 0.5, "per_class": (1.0, float("-inf"))}])
-    assert json.loads(text) == [{"file": "a.png", "top_k": [{"class": "cat", "score": None}]},
-                                {"loss": None, "top1": 0.5, "per_class": [1.0, None]}]
-    assert "NaN" not in text and "Infinity" not in text
-
-
-def _one_error_line(err):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+def test_export_says_it_writes_inside_the_run_dir(trained, capsys, tmp_path):
+    code, out, err = run_cli("export", ["--help"], capsys)
+    assert code == 0 and "INSIDE the run dir" in out
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "best.keras"):
+        (run / name).write_bytes((trained["run"] / name).read_bytes())
+    code, out, err = run_cli("export", [run, "--format", "keras"], capsys)
+    assert code == 0, err
+    assert (
+        out == f"Wrote the keras export to {run / 'export' / 'keras'} (inside the run dir: pass --output to "
+        "write elsewhere)\n"
+    )
+    assert (run / "export" / "keras" / "model.keras").is_file()
 
 
 @pytest.fixture
@@ -323,22 +284,28 @@ def crafted_savedmodel(tmp_path):
 
     module = Crafted()
     path = tmp_path / "crafted"
-    tf.saved_model.save(module, str(path), signatures={"serve": module.serve,
-                                                       "serve_preprocessed": module.serve_preprocessed})
-    (path / "export.json").write_text(json.dumps({
-        "run_config": {"data": "digits"}, "class_names": ["x", "y"],
-        "input": {"image_size": SIZE, "crop_pct": 1.0, "interpolation": "bilinear"},
-    }))
+    tf.saved_model.save(
+        module, str(path), signatures={"serve": module.serve, "serve_preprocessed": module.serve_preprocessed}
+    )
+    (path / "export.json").write_text(
+        json.dumps(
+            {
+                "run_config": {"data": "digits"},
+                "class_names": ["x", "y"],
+                "input": {"image_size": SIZE, "crop_pct": 1.0, "interpolation": "bilinear"},
+            }
+        )
+    )
     return path, marker
 
 
 def test_a_savedmodel_only_runs_with_trust_savedmodel(trained, crafted_savedmodel, capsys):
     path, marker = crafted_savedmodel
     image = trained["data"] / "red" / "0.png"
-    for script, argv in (("predict", [path, image]), ("evaluate", [path])):
-        code, out, err = run_cli(script, argv, capsys)
+    for command, argv in (("predict", [path, image]), ("evaluate", [path])):
+        code, out, err = run_cli(command, argv, capsys)
         assert code == 2 and out == ""
-        line = _one_error_line(err)
+        line = one_error_line(err)
         assert ": error: Not opening the SavedModel" in line
         assert "--trust-savedmodel" in line and "can read and write files" in line
         assert not marker.exists()
@@ -366,38 +333,22 @@ def _run_dir_with(trained, tmp_path, files):
     return run
 
 
-@pytest.mark.parametrize("kind", list(BROKEN_KERAS_FILES))
-def test_a_broken_best_keras_falls_back_with_one_warning(trained, tmp_path, caplog, kind):
-    from keras_convmixer.inference import open_model
-
-    run = _run_dir_with(trained, tmp_path, {"best.keras": kind, "last.keras": "good"})
-    with caplog.at_level(logging.WARNING):
-        bundle = open_model(run)
-    assert bundle.model_file == str(run / "last.keras")
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("keras_convmixer")]
-    assert len(warnings) == 1
-    message = warnings[0].getMessage()
-    assert "\n" not in message and "best.keras" in message and "using last.keras instead" in message
-    assert "File not found" not in message
-    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
-    np.testing.assert_allclose(bundle.model.predict(x, verbose=0), trained["model"].predict(x, verbose=0), atol=1e-6)
-
-
-def test_predict_on_a_run_dir_killed_while_writing_best_keras(trained, tmp_path, capsys, caplog):
+def test_predict_on_a_run_dir_killed_while_writing_best_keras(trained, tmp_path, capsys):
     run = _run_dir_with(trained, tmp_path, {"best.keras": "truncated", "model.keras": "good"})
     image = trained["data"] / "magenta" / "2.png"
-    with caplog.at_level(logging.WARNING):
-        code, out, err = run_cli("predict", [run, image], capsys)
+    code, out, err = run_cli("predict", [run, image], capsys)
     assert code == 0, err
     assert json.loads(out)[0]["top_k"][0]["class"] == "magenta"
-    assert any("using model.keras instead" in r.getMessage() for r in caplog.records)
+    # The warning reaches the terminal as one line.
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING ")]
+    assert len(warnings) == 1 and "using model.keras instead" in warnings[0]
 
 
 def test_a_run_dir_with_no_loadable_model_names_every_file(trained, tmp_path, capsys):
     run = _run_dir_with(trained, tmp_path, {"best.keras": "empty", "model.keras": "garbage", "last.keras": "truncated"})
     code, out, err = run_cli("predict", [run, trained["data"] / "red" / "0.png"], capsys)
     assert code == 2 and out == ""
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert "no loadable model file" in line
     assert "best.keras (the file is empty)" in line
     assert "model.keras (not a complete .keras zip archive" in line and "last.keras (not a complete" in line
@@ -406,26 +357,19 @@ def test_a_run_dir_with_no_loadable_model_names_every_file(trained, tmp_path, ca
 @pytest.mark.parametrize(
     "text, message", [("", "is empty"), ('{"model": "custom", ', "is not valid JSON (line 1"), ("[1, 2]", "JSON list")]
 )
-@pytest.mark.parametrize("script", ["predict", "evaluate"])
-def test_a_broken_config_json_is_named_in_one_line(trained, tmp_path, capsys, script, text, message):
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_broken_config_json_is_named_in_one_line(trained, tmp_path, capsys, command, text, message):
     run = _run_dir_with(trained, tmp_path, {"best.keras": "good"})
     (run / "config.json").write_text(text)
-    argv = [run, trained["data"] / "red" / "0.png"] if script == "predict" else [run]
-    code, out, err = run_cli(script, argv, capsys)
+    argv = [run, trained["data"] / "red" / "0.png"] if command == "predict" else [run]
+    code, out, err = run_cli(command, argv, capsys)
     assert code == 2 and out == ""
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert str(run / "config.json") in line and message in line
     assert "Expecting" not in line
 
 
-def test_reports_are_json_for_numpy_values_and_paths():
-    from keras_convmixer.cli import json_text
-
-    report = {"top1": np.float32(0.25), "loss": np.float32("nan"), "num_images": np.int64(8), "file": Path("a.png"),
-              "scores": np.array([0.5, np.inf], "float32"), np.int64(3): (True, None)}
-    assert json.loads(json_text(report)) == {"top1": 0.25, "loss": None, "num_images": 8, "file": "a.png",
-                                             "scores": [0.5, None], "3": [True, None]}
-
+# ----------------------------------------------------------------------------- the scripts/ front ends
 
 SCRIPT_ARGS = {
     "train": [],
@@ -443,10 +387,95 @@ SCRIPT_ARGS = {
 def test_an_unknown_keras_backend_is_one_line_and_exit_2(script, tmp_path):
     # A subprocess: Keras picks its backend once per process. It stops before importing keras, so it is quick.
     env = dict(os.environ, KERAS_BACKEND="nope")
-    done = subprocess.run([sys.executable, ROOT / "scripts" / f"{script}.py", *SCRIPT_ARGS[script]],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, ROOT / "scripts" / f"{script}.py", *SCRIPT_ARGS[script]],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         f"{script}.py: error: KERAS_BACKEND='nope' is not a Keras backend: use tensorflow, jax or torch"
     ]
+
+
+# The installed console scripts import the package before main() runs: an unknown backend must not fail there.
+CONSOLE_SCRIPTS = (
+    "convmixer-train",
+    "convmixer-evaluate",
+    "convmixer-predict",
+    "convmixer-export",
+    "convmixer-convert",
+)
+
+
+def _console_script(name):
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not installed beside {sys.executable}")
+    return path
+
+
+@pytest.mark.parametrize("name", CONSOLE_SCRIPTS)
+@pytest.mark.parametrize("argv", [["--help"], ["model", "x.png"]])
+def test_an_unknown_keras_backend_is_one_line_and_exit_2_from_console_scripts(name, argv, tmp_path):
+    done = subprocess.run(
+        [_console_script(name), *argv],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, KERAS_BACKEND="nope"),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"{name}: error: KERAS_BACKEND='nope' is not a Keras backend: use tensorflow, jax or torch"
+    ]
+
+
+# What `--help` may import: none of the frameworks (the parsers are built before any of them loads).
+_HELP_PROBE = """
+import json, runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit_:
+    code = exit_.code
+heavy = sorted({name.split(".")[0] for name in sys.modules} & {"keras", "tensorflow", "jax", "torch"})
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("name", CONSOLE_SCRIPTS)
+def test_console_script_help_imports_no_framework(name, tmp_path):
+    # A console script is a Python file: run it as the interpreter would, then see what it imported.
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_PROBE, str(_console_script(name))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}
+    assert f"usage: {name}" in done.stdout
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPT_ARGS if s != "train"])
+def test_help_imports_no_framework(script, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_PROBE, str(ROOT / "scripts" / f"{script}.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}
+    assert "usage:" in done.stdout

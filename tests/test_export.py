@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from keras_convmixer import export
-from keras_convmixer.data import eval_transform
 from tests.shipping import keras_outputs, make_run_dir
 
 BACKEND = keras.backend.backend()
@@ -26,6 +25,9 @@ def _uint8_images(n, h, w, seed):
 
 
 def _preprocessed(images):
+    """The tf.data eval transform, which the SavedModel's ``serve`` runs in its graph."""
+    from keras_convmixer.data.tf_pipeline import eval_transform
+
     return np.stack([np.asarray(eval_transform(im, SIZE, CROP, "bilinear")) for im in images])
 
 
@@ -43,6 +45,7 @@ def saved_model(run):
     import tensorflow as tf
 
     path = export.export_model(run[0], "savedmodel")
+    assert path == str(run[0] / "export" / "savedmodel")  # by default, inside the run dir
     return path, tf.saved_model.load(path)
 
 

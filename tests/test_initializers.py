@@ -37,9 +37,7 @@ TENSORS = [
 
 
 def _model(dim, kernel_size, patch_size, **kwargs):
-    return kc.ConvMixer(
-        dim, 2, kernel_size, patch_size, input_shape=(32, 32, 3), classes=CLASSES, **kwargs
-    )
+    return kc.ConvMixer(dim, 2, kernel_size, patch_size, input_shape=(32, 32, 3), classes=CLASSES, **kwargs)
 
 
 def _our_tensors(model):

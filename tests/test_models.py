@@ -1,4 +1,6 @@
+import inspect
 import os
+import pydoc
 import subprocess
 import sys
 
@@ -7,10 +9,12 @@ import numpy as np
 import pytest
 
 import keras_convmixer as kc
+from keras_convmixer import presets
 from tests.helpers import HIDE_TENSORFLOW, randomize_batchnorm, to_numpy
 from tests.numpy_reference import convmixer_forward
+from tests.vision_reference import vision_or_skip
 
-# REFERENCE.md: trainable parameters at 224x224, 1000 classes.
+# Published trainable parameter counts (the paper, timm) at 224x224, 1000 classes.
 PUBLISHED_PARAMS = {
     "ConvMixer1536_20": 51_625_960,
     "ConvMixer768_32": 21_110_248,
@@ -76,9 +80,7 @@ def _reference_params(model, depth):
     params = {"stem": (*arrays(stem.conv), arrays(stem.bn)), "blocks": []}
     for i in range(depth):
         b = model.get_layer(f"block_{i}")
-        params["blocks"].append(
-            (*arrays(b.depthwise), arrays(b.dw_bn), *arrays(b.pointwise), arrays(b.pw_bn))
-        )
+        params["blocks"].append((*arrays(b.depthwise), arrays(b.dw_bn), *arrays(b.pointwise), arrays(b.pw_bn)))
     params["head"] = tuple(arrays(model.get_layer("head")))
     return params
 
@@ -88,14 +90,28 @@ def _reference_params(model, depth):
     [
         (
             lambda: kc.ConvMixer256_8(classifier_activation=None),
-            8, "gelu", (2, 32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
+            8,
+            "gelu",
+            (2, 32, 32, 3),
+            (0.4914, 0.4822, 0.4465),
+            (0.2471, 0.2435, 0.2616),
         ),
         (
             lambda: kc.ConvMixer(
-                12, 3, kernel_size=7, patch_size=3, activation="relu",
-                input_shape=(None, None, 3), classes=5, classifier_activation=None,
+                12,
+                3,
+                kernel_size=7,
+                patch_size=3,
+                activation="relu",
+                input_shape=(None, None, 3),
+                classes=5,
+                classifier_activation=None,
             ),
-            3, "relu", (3, 15, 21, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+            3,
+            "relu",
+            (3, 15, 21, 3),
+            (0.485, 0.456, 0.406),
+            (0.229, 0.224, 0.225),
         ),
     ],
     ids=["ConvMixer256_8", "small-k7-p3-relu"],
@@ -105,9 +121,7 @@ def test_logits_match_independent_numpy_forward(make_model, depth, activation, s
     randomize_batchnorm(model, seed=depth)
     images = np.random.default_rng(4).uniform(0, 255, size=shape).astype("float32")
     got = to_numpy(model(images, training=False))
-    want = convmixer_forward(
-        images, _reference_params(model, depth), activation=activation, mean=mean, std=std
-    )
+    want = convmixer_forward(images, _reference_params(model, depth), activation=activation, mean=mean, std=std)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -131,9 +145,7 @@ def test_pooling_max_is_max_of_feature_map():
     pooled_model = kc.ConvMixer(**tiny, include_top=False, pooling="max")
     pooled_model.set_weights(fmap_model.get_weights())
     x = np.random.default_rng(6).uniform(0, 255, size=(2, 8, 8, 3)).astype("float32")
-    np.testing.assert_allclose(
-        to_numpy(pooled_model(x)), to_numpy(fmap_model(x)).max(axis=(1, 2)), atol=1e-6
-    )
+    np.testing.assert_allclose(to_numpy(pooled_model(x)), to_numpy(fmap_model(x)).max(axis=(1, 2)), atol=1e-6)
 
 
 def test_variable_input_size():
@@ -207,8 +219,11 @@ def test_bad_input_is_a_clear_value_error(call, match):
 def test_mismatched_weights_name_the_tensor(tmp_path):
     path = tmp_path / "w8.weights.h5"
     kc.ConvMixer(8, 1, 3, 2, input_shape=(8, 8, 3), classes=2).save_weights(path)
-    with pytest.raises(ValueError, match=r"w8\.weights\.h5.*does not fit convmixer: \S+/\S+ has shape \(16,?.*\) "
-                       r"in this model but \(8,?.*\) in the file"):
+    with pytest.raises(
+        ValueError,
+        match=r"w8\.weights\.h5.*does not fit convmixer: \S+/\S+ has shape \(16,?.*\) "
+        r"in this model but \(8,?.*\) in the file",
+    ):
         kc.ConvMixer(16, 1, 3, 2, input_shape=(8, 8, 3), classes=2, weights=str(path))
 
 
@@ -229,5 +244,136 @@ def test_import_and_build_without_tensorflow():
     )
     env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------- presets and builder signatures
+
+CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+BUILDER_ONLY = {"classes", "mean", "std", "name"}  # the keywords whose defaults come from the variant
+
+
+def test_preset_param_formula_gives_the_published_counts():
+    for builder_name, published in PUBLISHED_PARAMS.items():
+        row = kc.MODEL_CONFIGS[presets.canonical_name(builder_name)]
+        args = (row["dim"], row["depth"], row["kernel_size"], row["patch_size"])
+        assert presets.trainable_params(*args, 1000) == published == closed_form_params(*args, 1000)
+
+
+@pytest.mark.parametrize("builder_name", sorted(PUBLISHED_PARAMS) + ["ConvMixer256_8", "ConvMixer256_16"])
+def test_builder_signature_is_written_out(builder_name):
+    builder = getattr(kc, builder_name)
+    params = inspect.signature(builder).parameters
+    cifar = builder_name.startswith("ConvMixer256")
+    mean, std = CIFAR_STATS if cifar else IMAGENET_STATS
+    assert params["classes"].default == (10 if cifar else 1000)
+    assert tuple(params["mean"].default) == mean and tuple(params["std"].default) == std
+    assert params["name"].default == builder_name.lower().replace("convmixer", "convmixer_")
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    # Every other keyword is ConvMixer's, with ConvMixer's default; the architecture is not a keyword.
+    general = inspect.signature(kc.ConvMixer).parameters
+    assert not {"dim", "depth", "kernel_size", "patch_size", "activation", "default_size"} & set(params)
+    assert set(params) == set(general) - {"dim", "depth", "kernel_size", "patch_size", "activation", "default_size"}
+    for name in set(params) - BUILDER_ONLY:
+        assert params[name].default == general[name].default, name
+
+
+def test_builder_help_text_names_variant_params_and_args():
+    text = " ".join(pydoc.render_doc(kc.ConvMixer768_32, renderer=pydoc.plaintext).split())  # unwrapped
+    assert "ConvMixer768_32(*, include_top=True, include_preprocessing=True, input_shape=None" in text
+    assert "classes=1000" in text and "name='convmixer_768_32'" in text
+    assert "ConvMixer-768/32 (kernel 7, patch 7, ReLU)" in text
+    assert "21,110,248 trainable parameters" in text and "224x224x3" in text
+    doc = kc.ConvMixer256_8.__doc__
+    cifar = " ".join(doc.split())
+    assert "594,186 trainable parameters" in cifar and "32x32x3" in cifar and "CIFAR-10 normalisation" in cifar
+    assert "crop_pct 1.0, bilinear" in cifar and "input_shape: `(height, width, 3)`" in cifar
+    assert "Defaults to `(32, 32, 3)`" in cifar
+    args = doc.split("Args:")[1]
+    for name in inspect.signature(kc.ConvMixer256_8).parameters:
+        assert f"\n    {name}: " in args, name
+    assert "\n    dim: " in kc.ConvMixer.__doc__ and "\n    default_size: " in kc.ConvMixer.__doc__
+
+
+def test_builder_argument_mistakes():
+    with pytest.raises(ValueError, match=r"ConvMixer256_8 fixes dim=256: for another dim, build it with ConvMixer"):
+        kc.ConvMixer256_8(dim=128)
+    with pytest.raises(ValueError, match=r"ConvMixer768_32 fixes activation='relu'"):
+        kc.get_model("convmixer_768_32", activation="gelu")
+    with pytest.raises(ValueError, match=r"fixes default_size=32: .* pass input_shape"):
+        kc.ConvMixer256_8(default_size=64)
+    with pytest.raises(TypeError, match=r"ConvMixer256_8\(\) got an unexpected keyword argument 'clases'"):
+        kc.ConvMixer256_8(clases=3)
+    with pytest.raises(TypeError, match=r"ConvMixer256_8\(\) too many positional arguments"):
+        kc.ConvMixer256_8(False)
+
+
+def test_registry_accepts_timm_names_and_keeps_eval_metadata_of_timm():
+    _, _, timm = vision_or_skip()
+    for timm_name in timm.list_models("convmixer*"):
+        key = presets.canonical_name(timm_name)
+        row = kc.MODEL_CONFIGS[key]
+        cfg = timm.models.get_pretrained_cfg(f"{timm_name}.in1k")
+        assert presets.eval_preset(key) == dict(
+            image_size=cfg.input_size[-1],
+            crop_pct=cfg.crop_pct,
+            interpolation=cfg.interpolation,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+        )
+        assert row["classes"] == cfg.num_classes
+    assert kc.get_model("convmixer_1024_20_ks9_p14", input_shape=(28, 28, 3)).name == "convmixer_1024_20"
+    assert presets.eval_preset("ConvMixer256_8") == dict(
+        image_size=32, crop_pct=1.0, interpolation="bilinear", mean=CIFAR_STATS[0], std=CIFAR_STATS[1]
+    )
+    with pytest.raises(ValueError, match="Unknown model 'convmixer_1024_20_ks7'"):
+        presets.canonical_name("convmixer_1024_20_ks7")
+
+
+# ----------------------------------------------------------------------------- .keras files and registration
+
+
+def _saved_compiled_model(tmp_path):
+    from keras_convmixer.schedules import OneCycle
+
+    model = kc.ConvMixer(8, 1, 3, 2, input_shape=(8, 8, 3), classes=3)
+    randomize_batchnorm(model)
+    # A compiled schedule is saved with the optimizer, as training saves best.keras/last.keras.
+    model.compile(optimizer=keras.optimizers.AdamW(OneCycle(1e-3, 10)), loss="categorical_crossentropy")
+    path = tmp_path / "compiled.keras"
+    model.save(path)
+    x = np.random.default_rng(10).uniform(0, 255, size=(2, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", to_numpy(model(x)))
+    return path
+
+
+_CHECK_LOADED = (
+    "import numpy as np\n"
+    "x, y = np.load(r'{x}'), np.load(r'{y}')\n"
+    "assert type(m.get_layer('block_0')).__name__ == 'ConvMixerBlock'\n"
+    "assert m.optimizer.get_config()['learning_rate']['class_name'] == 'OneCycle'\n"
+    "np.testing.assert_allclose(keras.ops.convert_to_numpy(m(x)), y, atol=1e-6)\n"
+    "print('ok')\n"
+)
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        # keras first: importing the package registers the layers, so Keras's own loader works.
+        "import keras\nimport keras_convmixer\nm = keras.saving.load_model(r'{path}')\n",
+        # the package first (it imports no keras): load_model registers them.
+        "import keras_convmixer as kc\nimport keras\nm = kc.load_model(r'{path}')\n",
+    ],
+    ids=["keras-imported-first", "load_model"],
+)
+def test_keras_file_with_our_layers_loads(tmp_path, program):
+    path = _saved_compiled_model(tmp_path)
+    code = (program + _CHECK_LOADED).format(path=path, x=tmp_path / "x.npy", y=tmp_path / "y.npy")
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")

@@ -103,8 +103,15 @@ def test_keras_impl_matches_numpy_reference(k):
 
 def _tiny_convmixer(impl):
     return ConvMixer(
-        12, 1, 3, 2, input_shape=(10, 14, 3), classes=3, classifier_activation=None,
-        depthwise_impl=impl, name=f"convmixer_{impl}",
+        12,
+        1,
+        3,
+        2,
+        input_shape=(10, 14, 3),
+        classes=3,
+        classifier_activation=None,
+        depthwise_impl=impl,
+        name=f"convmixer_{impl}",
     )
 
 
@@ -246,8 +253,10 @@ def test_kernels_lower_through_pallas_triton_for_gpu(k):
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2, 12, 12, 96), (k, k, 96), (96,))]
     triton_call = "__gpu$xla.gpu.triton"
     allow = [export.DisabledSafetyCheck.custom_call(triton_call)]
-    for fn, kernels in ((forward, {"depthwise_conv2d"}),
-                        (jax.grad(loss, argnums=(0, 1, 2)), {"depthwise_conv2d", "depthwise_conv2d_kernel_grad"})):
+    for fn, kernels in (
+        (forward, {"depthwise_conv2d"}),
+        (jax.grad(loss, argnums=(0, 1, 2)), {"depthwise_conv2d", "depthwise_conv2d_kernel_grad"}),
+    ):
         module = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*args).mlir_module()
         assert triton_call in module
         assert all(f'name = "{name}"' in module for name in kernels)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from keras_convmixer import rundir
-from tests.test_training import ROOT, TINY_FLAGS, rows, run_script
+from tests.helpers import ROOT, TINY_FLAGS, rows, run_script
 
 BACKEND = keras.backend.backend()
 
@@ -119,10 +119,17 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
 
 def test_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-         "f.write(f'PID {os.getpid()} on elsewhere'); f.flush(); print('held', flush=True); time.sleep(60)",
-         str(tmp_path / "run" / ".lock")], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write(f'PID {os.getpid()} on elsewhere'); f.flush(); print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "run" / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     (tmp_path / "run").mkdir()
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -143,6 +150,45 @@ def test_resume_refuses_another_backend_and_changed_classes():
     with pytest.raises(ValueError, match=r"changed since runs/a began \(added emu; removed dog\)"):
         rundir.check_resumable(saved, dict(saved, class_names=["cat", "emu"]), (), "runs/a")
     rundir.check_resumable(saved, dict(saved), (), "runs/a")  # the same run resumes
+
+
+def test_curves_show_the_lr_of_every_step_on_integer_epochs(tmp_path):
+    history = [
+        {
+            "epoch": str(e),
+            "loss": str(2 - e / 10),
+            "val_loss": str(2.1 - e / 10),
+            "top1": str(e / 10),
+            "val_top1": str(e / 10 + 0.05),
+            "lr": "0.01",
+            "images_per_sec": str(900 + e),
+        }
+        for e in range(7)
+    ]
+    # A one-cycle sampled per step: its peak falls between the once-an-epoch lr values of the history.
+    t = np.arange(1, 701) / 100
+    lr = np.interp(t, [0, 2.5, 5.5, 7], [0, 0.05, 0.0025, 0])
+    fig = rundir.curves_figure(
+        history,
+        lr_curve=(t, lr),
+        title="ConvMixer-256/8, recipe cifar10, jax backend",
+        note="train loss includes label smoothing",
+    )
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert sorted(axes) == ["learning rate", "loss", "top-1 accuracy", "training images/s"]
+    assert fig._suptitle.get_text() == "ConvMixer-256/8, recipe cifar10, jax backend"
+    assert "train loss includes label smoothing" in [text.get_text() for text in fig.texts]
+    (line,) = axes["learning rate"].lines
+    np.testing.assert_array_equal(line.get_xdata(), t)
+    assert line.get_ydata().max() == pytest.approx(0.05)
+    assert sorted(line.get_label() for line in axes["loss"].lines) == ["loss", "val_loss"]
+    np.testing.assert_array_equal(axes["training images/s"].lines[0].get_ydata(), np.arange(900, 907))
+    for ax in fig.axes:
+        ticks = ax.get_xticks()
+        assert np.array_equal(ticks, np.round(ticks)), (ax.get_title(), ticks)
+        assert all(gridline.get_visible() for gridline in ax.xaxis.get_gridlines())
+    rundir.plot_curves(history, tmp_path / "curves.png", lr_curve=(t, lr))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -174,8 +220,9 @@ def test_a_loop_of_sigkills_never_breaks_the_run_dir(tmp_path):
     rng = random.Random(0)
     kills = 0
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for line in proc.stdout:  # the moment training starts: kill somewhere in the next ~2 epochs
             if line.startswith("Training "):
                 break
@@ -195,8 +242,9 @@ def test_a_loop_of_sigkills_never_breaks_the_run_dir(tmp_path):
 def test_a_second_run_into_the_same_dir_is_refused_while_the_first_runs(tmp_path):
     run = tmp_path / "run"
     long_run = [*TRAIN, "--output-dir", str(run), "--epochs", "500"]  # still running when the second starts
-    first = subprocess.Popen([sys.executable, *long_run], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, *long_run], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         for line in first.stdout:
             if line.startswith("Training "):
@@ -215,8 +263,12 @@ def test_a_second_run_into_the_same_dir_is_refused_while_the_first_runs(tmp_path
 @contextlib.contextmanager
 def _tmpfs(path, size):
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield

@@ -5,26 +5,22 @@ only the model and sizes shrunk. Each run must finish, write every artefact, and
 exactly ``epochs x steps_per_epoch`` times (so the one-cycle schedule ends where it should).
 """
 
-import csv
 import json
-import os
-import subprocess
-import sys
+import re
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-from keras_convmixer import training
+from keras_convmixer import recipes, training
+from tests.helpers import TINY_MODEL, cli_flags, rows, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKEND = keras.backend.backend()
 COLOURS = {"blue": (40, 60, 210), "green": (40, 190, 60), "red": (210, 40, 40)}
 PER_CLASS = 100
 BATCH = 64
-TINY = ["--model", "custom", "--dim", "32", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
-        "--image-size", "16", "--batch-size", str(BATCH), "--epochs", "2", "--verbose", "2"]
+# No --verbose: with stdout a pipe, the command must choose one line per epoch itself.
+TINY = cli_flags(model="custom", **TINY_MODEL, image_size=16, batch_size=BATCH, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +40,20 @@ def folder(tmp_path_factory):
 
 
 def train_script(args, tmp_path):
+    """Run the command as a user would, and check its log reads well in a file: one line per epoch, no
+    progress bar, none of TensorFlow's native INFO/WARNING lines (no TF_CPP_MIN_LOG_LEVEL is set here)."""
     run = tmp_path / "run"
-    env = {**os.environ, "KERAS_BACKEND": BACKEND, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "scripts/train.py", *args, *TINY, "--output-dir", str(run)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = run_script(
+        ["scripts/train.py", *args, *TINY, "--output-dir", str(run)],
+        env_extra={"TF_CPP_MIN_LOG_LEVEL": None},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return run, proc.stdout
-
-
-def history(run):
-    with open(run / "history.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    out = proc.stdout
+    assert len([line for line in out.splitlines() if re.match(r"^\d+/\d+ - .*loss: ", line)]) == 2, out
+    assert not any(mark in out for mark in ("\r", "\x1b", "\x08", "━")), out
+    assert not [line for line in proc.stderr.splitlines() if re.match(r"^[IW]\d{4} ", line)], proc.stderr
+    return run, out + proc.stderr  # the log of the run, as `> log 2>&1` keeps it
 
 
 def assert_complete_run(run, steps_per_epoch, with_val=True):
@@ -62,7 +61,7 @@ def assert_complete_run(run, steps_per_epoch, with_val=True):
     assert metrics["epochs"] == 2
     assert metrics["steps_per_epoch"] == steps_per_epoch
     assert metrics["optimizer_steps"] == 2 * steps_per_epoch
-    assert [int(r["epoch"]) for r in history(run)] == [0, 1]
+    assert [int(r["epoch"]) for r in rows(run / "history.csv")] == [0, 1]
     for name in ("config.json", "best.keras", "last.keras", "best.json"):
         assert (run / name).is_file(), name
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,12 +80,20 @@ def assert_complete_run(run, steps_per_epoch, with_val=True):
 # 300 files, 60 held out (20 per class): 240 // 64 = 3 full training batches per epoch.
 @pytest.mark.parametrize("recipe", ["cifar10", "imagenet"])
 def test_readme_recipe_on_a_folder_runs_two_epochs(folder, tmp_path, recipe):
-    run, out = train_script(["--recipe", recipe, "--data", f"folder:{folder}", "--val-split", "60"], tmp_path)
+    args = ["--recipe", recipe, "--data", f"folder:{folder}", "--val-split", "60"]
+    run, out = train_script(args, tmp_path)
     metrics = assert_complete_run(run, steps_per_epoch=3)
-    assert "240 train / 60 val images" in out
+    assert (
+        f"Training a custom ConvMixer-32/1 (dim 32, depth 1, kernel 3, patch 2) on folder:{folder}: "
+        "240 train / 60 val images, 3 classes, 2 epochs x 3 steps, batch 64, strategy none (1 replica)"
+    ) in out
     saved = json.loads((run / "config.json").read_text())
     assert saved["recipe"] == recipe and saved["class_names"] == sorted(COLOURS)
     assert metrics["images_per_sec"] > 0
+    # --print-config shows the settings config.json then records.
+    shown = run_script(["scripts/train.py", *args, *TINY, "--output-dir", str(run), "--print-config"], timeout=120)
+    shown = json.loads(shown.stdout)
+    assert {key: saved[key] for key in shown} == shown
 
 
 def test_without_validation_picks_best_on_train_metric(folder, tmp_path):
@@ -96,17 +103,33 @@ def test_without_validation_picks_best_on_train_metric(folder, tmp_path):
 
 
 def test_in_memory_device_path_with_steps_per_epoch(folder, tmp_path):
-    run, _ = train_script(["--recipe", "cifar10", "--data", f"folder:{folder}", "--val-split", "60", "--in-memory",
-                           "--augment-on", "device", "--steps-per-epoch", "2"], tmp_path)
+    flags = cli_flags(
+        recipe="cifar10", data=f"folder:{folder}", val_split=60, in_memory=True, augment_on="device", steps_per_epoch=2
+    )
+    run, log = train_script(flags, tmp_path)
     assert_complete_run(run, steps_per_epoch=2)
+    # The data module's progress reaches the log: where the decoded arrays are cached.
+    assert re.search(r"^INFO (cached|read) \d+ decoded images (in|from cache) ", log, re.MULTILINE), log[-3000:]
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_trains_with_float32_logits(folder, tmp_path, precision):
-    config = training.resolve_config("cifar10", dict(
-        model="custom", dim=32, depth=1, kernel_size=3, patch_size=2, image_size=16, batch_size=BATCH, epochs=2,
-        steps_per_epoch=2, data=f"folder:{folder}", val_split=60, precision=precision,
-        output_dir=str(tmp_path / "run"), verbose=0))
+    config = recipes.resolve_config(
+        "cifar10",
+        dict(
+            model="custom",
+            **TINY_MODEL,
+            image_size=16,
+            batch_size=BATCH,
+            epochs=2,
+            steps_per_epoch=2,
+            data=f"folder:{folder}",
+            val_split=60,
+            precision=precision,
+            output_dir=str(tmp_path / "run"),
+            verbose=0,
+        ),
+    )
     metrics = training.train(config)
     assert metrics["optimizer_steps"] == 4 and np.isfinite(metrics["val_top1"])
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
@@ -159,8 +182,7 @@ def test_every_damaged_file_is_named_in_the_log_and_metrics(damaged_folder, tmp_
     extra = ["--in-memory", "--augment-on", "device"] if path == "in-memory" else []
     if path == "tf.data":
         pytest.importorskip("tensorflow")
-    run, out = train_script(["--recipe", "cifar10", "--data", f"folder:{root}", "--val-split", "60", *extra],
-                            tmp_path)
+    run, out = train_script(["--recipe", "cifar10", "--data", f"folder:{root}", "--val-split", "60", *extra], tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert sorted(metrics["unreadable_files"]) == damaged
     assert all(reason for reason in metrics["unreadable_files"].values())

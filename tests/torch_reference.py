@@ -1,28 +1,22 @@
-"""Independent PyTorch ConvMixers written from the spec (REFERENCE.md), not tests.
+"""Independent PyTorch ConvMixers for the tests, not tests.
 
-``timm_convmixer`` uses timm's module layout, so its ``state_dict()`` has
-timm's parameter names; ``official_convmixer`` is the paper's flat
-``nn.Sequential``. Both take raw [0, 255] NCHW pixels and normalise first,
-as our Keras models do.
+Both are the benchmarks' spec-written ``torch_convmixer`` (the paper's flat ``nn.Sequential``):
+``official_convmixer`` as it is, ``timm_convmixer`` with its layers regrouped in timm's module
+layout, so its ``state_dict()`` has timm's parameter names. Both take raw [0, 255] NCHW pixels and
+normalise first, as our Keras models do, and carry non-trivial BatchNorm statistics.
 """
 
 import numpy as np
+
+from benchmarks.torch_convmixer import torch_convmixer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _modules():
+def _normalize():
     import torch
     from torch import nn
-
-    class Residual(nn.Module):
-        def __init__(self, fn):
-            super().__init__()
-            self.fn = fn
-
-        def forward(self, x):
-            return self.fn(x) + x
 
     class Normalize(nn.Module):
         def __init__(self):
@@ -33,39 +27,24 @@ def _modules():
         def forward(self, x):
             return (x - self.mean) / self.std
 
-    return torch, nn, Residual, Normalize
-
-
-def _act(nn, activation):
-    return nn.GELU() if activation == "gelu" else nn.ReLU()
-
-
-def _block(nn, Residual, dim, kernel, activation):
-    return nn.Sequential(
-        Residual(
-            nn.Sequential(
-                nn.Conv2d(dim, dim, kernel, groups=dim, padding="same"),
-                _act(nn, activation),
-                nn.BatchNorm2d(dim),
-            )
-        ),
-        nn.Conv2d(dim, dim, 1),
-        _act(nn, activation),
-        nn.BatchNorm2d(dim),
-    )
+    return Normalize()
 
 
 def timm_convmixer(dim, depth, kernel, patch, classes, activation="gelu", normalize=True):
     """``normalize=False`` gives timm's own interface (normalised input)."""
-    torch, nn, Residual, Normalize = _modules()
+    import torch
+    from torch import nn
+
+    # The paper's layers, regrouped under timm's names: stem (3 layers), blocks, head.
+    layers = list(torch_convmixer(dim, depth, kernel, patch, classes, activation))
 
     class ConvMixer(nn.Module):
         def __init__(self):
             super().__init__()
-            self.normalize = Normalize() if normalize else nn.Identity()
-            self.stem = nn.Sequential(nn.Conv2d(3, dim, patch, stride=patch), _act(nn, activation), nn.BatchNorm2d(dim))
-            self.blocks = nn.Sequential(*[_block(nn, Residual, dim, kernel, activation) for _ in range(depth)])
-            self.head = nn.Linear(dim, classes)
+            self.normalize = _normalize() if normalize else nn.Identity()
+            self.stem = nn.Sequential(*layers[:3])
+            self.blocks = nn.Sequential(*layers[3 : 3 + depth])
+            self.head = layers[-1]
 
         def forward(self, x):
             x = self.blocks(self.stem(self.normalize(x)))
@@ -75,17 +54,11 @@ def timm_convmixer(dim, depth, kernel, patch, classes, activation="gelu", normal
 
 
 def official_convmixer(dim, depth, kernel, patch, classes, activation="gelu"):
-    torch, nn, Residual, Normalize = _modules()
-    body = nn.Sequential(
-        nn.Conv2d(3, dim, patch, stride=patch),
-        _act(nn, activation),
-        nn.BatchNorm2d(dim),
-        *[_block(nn, Residual, dim, kernel, activation) for _ in range(depth)],
-        nn.AdaptiveAvgPool2d((1, 1)),
-        nn.Flatten(),
-        nn.Linear(dim, classes),
-    )
-    model = nn.Sequential(Normalize(), body)
+    import torch
+    from torch import nn
+
+    body = torch_convmixer(dim, depth, kernel, patch, classes, activation)
+    model = nn.Sequential(_normalize(), body)
     _randomized(torch, nn, model)
     return model, body
 

@@ -3,8 +3,8 @@
 Imported only under the JAX backend (it imports ``jax`` at the top).
 
 Why a kernel: XLA runs a large-kernel depthwise convolution as a grouped
-convolution far from the memory-bandwidth bound on GPUs (issue 6 quotes 39 ms
-forward+backward on an H100 at ConvMixer-1536/20's shapes, against a bound
+convolution far from the memory-bandwidth bound on GPUs (39 ms forward+backward
+has been reported on an H100 at ConvMixer-1536/20's shapes, against a bound
 under 1 ms; not measured by us). The op is memory-bound (k*k multiply-adds per
 element), so the kernels read each input row from device memory about once,
 accumulate the k*k taps in float32 registers and write each output once.
@@ -172,9 +172,7 @@ def _kernel_grads(x, dy, k, pad, block_c, images_per_group, interpret):
     # Zero dy outside the real output, so padded positions add nothing.
     xp = jnp.pad(x, ((0, n_pad - n), (before, after), (before, block_w - w_in + after), (0, c_pad - c)))
     dyp = jnp.pad(dy, ((0, n_pad - n), (0, 0), (0, block_w - w_in), (0, c_pad - c)))
-    kernel = functools.partial(
-        _grad_kernel, k=k, height=h, images=images, block_w=block_w, block_c=block_c
-    )
+    kernel = functools.partial(_grad_kernel, k=k, height=h, images=images, block_w=block_w, block_c=block_c)
     dw_parts, db_parts = pl.pallas_call(
         kernel,
         out_shape=(

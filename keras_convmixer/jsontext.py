@@ -1,22 +1,8 @@
-"""What the scripts/ front ends share: a user mistake ends as one line, exit code 2."""
+"""Strict, readable JSON text for reports and run-directory files."""
 
 import json
 import math
 import os
-
-# Errors that come from what the user passed (a path, a file, a flag, a missing extra),
-# as opposed to bugs, which keep their traceback.
-USER_ERRORS = (ValueError, OSError, ImportError)
-
-
-def first_line(err):
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-def fail(parser, err):
-    """Exit like argparse does on a bad flag, without repeating the usage text."""
-    parser.exit(2, f"{parser.prog}: error: {first_line(err)}\n")
 
 
 def _plain(value):
@@ -47,5 +33,16 @@ def _key(key):
 
 def json_text(obj):
     """Strict JSON for reports: never the invalid ``NaN``/``Infinity`` tokens Python's json writes by default,
-    and never a TypeError halfway through a report."""
-    return json.dumps(_plain(obj), indent=2, allow_nan=False)
+    and never a TypeError halfway through a report. Indented, except that a list of plain values (a row of a
+    confusion matrix, a mean, the class names) stays on one line: a 1000-class report stays readable."""
+    return _dump(_plain(obj), 0)
+
+
+def _dump(value, depth):
+    inner, outer = "  " * (depth + 1), "  " * depth
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_dump(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{outer}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{_dump(v, depth + 1)}" for v in value) + f"\n{outer}]"
+    return json.dumps(value, allow_nan=False)

@@ -13,7 +13,7 @@ a try fits when ``h < H`` and ``w < W``; the box's corner is uniform over the po
 with no fitting try is skipped.
 
 ``sample_boxes`` and ``erase`` are written once against a NumPy-like namespace (``keras.ops`` on the
-device, TensorFlow on the host, see ``randaugment``). ``layer(images, training=True)`` runs batched in
+device, TensorFlow on the host, see ``xp``). ``layer(images, training=True)`` runs batched in
 the train step; ``layer.host_map(image)`` per image and ``layer.host_batch_map(images)`` per batch in
 ``tf.data`` under any backend. TensorFlow is imported lazily.
 """
@@ -24,7 +24,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_convmixer.randaugment import box_muller, keras_namespace, tf_namespace
+from keras_convmixer.augment.xp import box_muller, first_fit, keras_namespace, random_corner, tf_namespace
+from keras_convmixer.data.tf_pipeline import import_tf
 
 MODES = ("pixel", "rand", "const")
 ATTEMPTS = 10
@@ -39,17 +40,13 @@ def sample_boxes(xp, u_try, u_offset, height, width, min_area, max_area, log_asp
     """
     area = height * width * (min_area + (max_area - min_area) * u_try[..., 0]) / xp.expand_dims(count, -1)
     aspect = xp.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_try[..., 1])
+    # timm's erasing takes the aspect along the height (its crop along the width) and needs a strictly
+    # smaller box.
     h = xp.round(xp.sqrt(area * aspect))
     w = xp.round(xp.sqrt(area / aspect))
-    fits = xp.logical_and(w < width, h < height)
-    fits_f = xp.where(fits, 1.0, 0.0)
-    first = xp.logical_and(fits, xp.equal(xp.cumsum(fits_f, axis=1), 1.0))
-    found = xp.max(fits_f, axis=1) > 0.0
-    h = xp.sum(xp.where(first, h, 0.0), axis=1)
-    w = xp.sum(xp.where(first, w, 0.0), axis=1)
-    # random.randint(0, H - h): uniform over H - h + 1 positions.
-    top = xp.minimum(xp.floor(u_offset[:, 0] * (height - h + 1.0)), height - h)
-    left = xp.minimum(xp.floor(u_offset[:, 1] * (width - w + 1.0)), width - w)
+    h, w, found = first_fit(xp, h, w, xp.logical_and(w < width, h < height))
+    top = random_corner(xp, u_offset[:, 0], height, h)
+    left = random_corner(xp, u_offset[:, 1], width, w)
     return top, left, h, w, found
 
 
@@ -85,9 +82,21 @@ class RandomErasing(keras.layers.Layer):
     erases one (H, W, C) image with TensorFlow ops in ``tf.data``.
     """
 
-    def __init__(self, probability=0.25, mode="pixel", min_area=0.02, max_area=1 / 3, min_aspect=0.3,
-                 max_aspect=None, min_count=1, max_count=None, mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225), seed=None, **kwargs):
+    def __init__(
+        self,
+        probability=0.25,
+        mode="pixel",
+        min_area=0.02,
+        max_area=1 / 3,
+        min_aspect=0.3,
+        max_aspect=None,
+        min_count=1,
+        max_count=None,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.probability = float(probability)
         if not 0.0 <= self.probability <= 1.0:
@@ -98,8 +107,9 @@ class RandomErasing(keras.layers.Layer):
         self.mode = mode
         self.min_area, self.max_area = float(min_area), float(max_area)
         if not 0.0 < self.min_area <= self.max_area <= 1.0:
-            raise ValueError(f"RandomErasing needs 0 < min_area <= max_area <= 1, got min_area={min_area!r}, "
-                             f"max_area={max_area!r}.")
+            raise ValueError(
+                f"RandomErasing needs 0 < min_area <= max_area <= 1, got min_area={min_area!r}, max_area={max_area!r}."
+            )
         self.min_aspect = float(min_aspect)
         if not self.min_aspect > 0.0:
             raise ValueError(f"RandomErasing min_aspect must be > 0, got {min_aspect!r}.")
@@ -109,13 +119,16 @@ class RandomErasing(keras.layers.Layer):
         self.min_count = int(min_count)
         self.max_count = int(max_count or min_count)
         if not 1 <= self.min_count <= self.max_count:
-            raise ValueError(f"RandomErasing needs 1 <= min_count <= max_count, got min_count={min_count!r}, "
-                             f"max_count={max_count!r}.")
+            raise ValueError(
+                f"RandomErasing needs 1 <= min_count <= max_count, got min_count={min_count!r}, "
+                f"max_count={max_count!r}."
+            )
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(f"RandomErasing mean and std need one value per channel and std > 0, got mean={mean!r}, "
-                             f"std={std!r}.")
+            raise ValueError(
+                f"RandomErasing mean and std need one value per channel and std > 0, got mean={mean!r}, std={std!r}."
+            )
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
@@ -124,8 +137,10 @@ class RandomErasing(keras.layers.Layer):
         rank = 4 if batched else 3
         if len(shape) != rank or shape[-1] != len(self.mean) or None in tuple(shape[-3:-1]):
             what = "(batch, height, width, channels)" if batched else "(height, width, channels)"
-            raise ValueError(f"RandomErasing images must be {what} with {len(self.mean)} channels (one per mean "
-                             f"value) and a known height and width, got shape {tuple(shape)}.")
+            raise ValueError(
+                f"RandomErasing images must be {what} with {len(self.mean)} channels (one per mean "
+                f"value) and a known height and width, got shape {tuple(shape)}."
+            )
 
     def apply(self, xp, images, u_apply, u_count, u_tries, u_offsets, normals):
         """The erasing of (B, H, W, C) ``images`` given its random draws (shared by both paths).
@@ -141,8 +156,17 @@ class RandomErasing(keras.layers.Layer):
         std = xp.convert(np.asarray(self.std, "float32") * 255.0)
         boxes, fills = [], []
         for i in range(self.max_count):
-            top, left, h, w, found = sample_boxes(xp, u_tries[i], u_offsets[i], float(height), float(width),
-                                                  self.min_area, self.max_area, self.log_aspect, count)
+            top, left, h, w, found = sample_boxes(
+                xp,
+                u_tries[i],
+                u_offsets[i],
+                float(height),
+                float(width),
+                self.min_area,
+                self.max_area,
+                self.log_aspect,
+                count,
+            )
             use = xp.logical_and(xp.logical_and(applied, found), float(i) < count)
             boxes.append((top, left, h, w, use))
             fills.append(mean if self.mode == "const" else mean + std * normals[i])
@@ -167,10 +191,10 @@ class RandomErasing(keras.layers.Layer):
         u_tries, u_offsets, normals = [], [], []
         for i in range(self.max_count):
             start = 2 + i * per_box
-            u_tries.append(ops.reshape(u[:, start:start + 2 * ATTEMPTS], (-1, ATTEMPTS, 2)))
-            u_offsets.append(u[:, start + 2 * ATTEMPTS:start + per_box])
+            u_tries.append(ops.reshape(u[:, start : start + 2 * ATTEMPTS], (-1, ATTEMPTS, 2)))
+            u_offsets.append(u[:, start + 2 * ATTEMPTS : start + per_box])
             start = 2 + self.max_count * per_box + 2 * i * noise
-            normal = box_muller(u[:, start:start + noise], u[:, start + noise:start + 2 * noise])
+            normal = box_muller(u[:, start : start + noise], u[:, start + noise : start + 2 * noise])
             normals.append(ops.reshape(normal, shape))
         return self.apply(keras_namespace(), images, u[:, 0], u[:, 1], u_tries, u_offsets, normals)
 
@@ -179,8 +203,7 @@ class RandomErasing(keras.layers.Layer):
 
         The noise is drawn only for an image that is erased.
         """
-        import tensorflow as tf
-
+        tf = import_tf()
         image = tf.cast(tf.convert_to_tensor(image), tf.float32)
         self._check(image.shape, batched=False)
         if self.probability == 0.0:
@@ -201,8 +224,7 @@ class RandomErasing(keras.layers.Layer):
 
     def host_batch_map(self, images):
         """Erase a (B, H, W, C) batch with TensorFlow ops, per image, after ``batch()`` in ``tf.data``."""
-        import tensorflow as tf
-
+        tf = import_tf()
         images = tf.cast(tf.convert_to_tensor(images), tf.float32)
         self._check(images.shape, batched=True)
         if self.probability == 0.0:
@@ -212,15 +234,26 @@ class RandomErasing(keras.layers.Layer):
         u_tries = [tf.random.uniform([n, ATTEMPTS, 2]) for _ in range(self.max_count)]
         u_offsets = [tf.random.uniform([n, 2]) for _ in range(self.max_count)]
         normals = [tf.random.normal(self._noise_shape(n, height, width, channels)) for _ in range(self.max_count)]
-        return self.apply(tf_namespace(), images, tf.random.uniform([n]), tf.random.uniform([n]), u_tries, u_offsets,
-                          normals)
+        return self.apply(
+            tf_namespace(), images, tf.random.uniform([n]), tf.random.uniform([n]), u_tries, u_offsets, normals
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update(probability=self.probability, mode=self.mode, min_area=self.min_area, max_area=self.max_area,
-                      min_aspect=self.min_aspect, max_aspect=self.max_aspect, min_count=self.min_count,
-                      max_count=self.max_count, mean=self.mean, std=self.std, seed=self.seed)
+        config.update(
+            probability=self.probability,
+            mode=self.mode,
+            min_area=self.min_area,
+            max_area=self.max_area,
+            min_aspect=self.min_aspect,
+            max_aspect=self.max_aspect,
+            min_count=self.min_count,
+            max_count=self.max_count,
+            mean=self.mean,
+            std=self.std,
+            seed=self.seed,
+        )
         return config

@@ -1,4 +1,4 @@
-"""Open a trained model in any of its shipped forms and run it on images.
+"""Open a trained model in any of its shipped forms.
 
 Accepted: a ``.keras`` file, a run directory (``config.json`` + ``best.keras``,
 ``model.keras`` or ``last.keras``), or an exported SavedModel directory (with
@@ -9,7 +9,7 @@ its ``export.json``). All three give a ``ModelBundle`` with one interface:
 ``.keras`` files are loaded in Keras's safe mode (no code from the file runs).
 A SavedModel cannot be opened that way: it is a TensorFlow graph, and running
 it runs whatever ops it holds, file reads and writes included. So it is only
-opened with ``trust_savedmodel=True`` (``--trust-savedmodel`` in the scripts).
+opened with ``trust_savedmodel=True`` (``--trust-savedmodel`` on the command line).
 """
 
 import dataclasses
@@ -19,9 +19,13 @@ import zipfile
 
 import numpy as np
 
-from keras_convmixer import rundir
+from keras_convmixer import presets, rundir
+from keras_convmixer.errors import first_line
 
 DEFAULT_IMAGE_SIZE = 224
+# What a model file that records no eval transform is evaluated with: the whole image, resized.
+NEUTRAL_CROP_PCT = 1.0
+NEUTRAL_INTERPOLATION = "bilinear"
 SAVEDMODEL_TRUST_MESSAGE = (
     "a SavedModel runs its own TensorFlow graph, which can read and write files: pass --trust-savedmodel "
     "(trust_savedmodel=True) only for SavedModels you exported yourself or trust"
@@ -46,11 +50,11 @@ class ModelBundle:
 
     @property
     def crop_pct(self):
-        return float(self.config.get("crop_pct") or 1.0)
+        return float(self.config.get("crop_pct") or NEUTRAL_CROP_PCT)
 
     @property
     def interpolation(self):
-        return self.config.get("interpolation") or "bilinear"
+        return self.config.get("interpolation") or NEUTRAL_INTERPOLATION
 
     @property
     def class_names(self):
@@ -85,6 +89,12 @@ class UntrustedSavedModelError(ModelPathError):
     """A SavedModel was given without ``trust_savedmodel=True``."""
 
 
+class KerasFileError(ModelPathError):
+    def __init__(self, model_file, reason):
+        super().__init__(f"Cannot load {model_file!r} as a Keras model: {reason}")
+        self.reason = reason
+
+
 def open_model(path, *, trust_savedmodel=False):
     """Open a ``.keras`` file, a run dir or an exported SavedModel as a ``ModelBundle``.
 
@@ -98,13 +108,13 @@ def open_model(path, *, trust_savedmodel=False):
             if not trust_savedmodel:
                 raise UntrustedSavedModelError(f"Not opening the SavedModel {path!r}: {SAVEDMODEL_TRUST_MESSAGE}.")
             return _open_saved_model(path)
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, rundir.CONFIG)):
             return _open_run_dir(path)
         raise ModelPathError(
             f"{path!r} is neither a run dir (config.json + best.keras) nor a SavedModel (saved_model.pb)."
         )
     if path.endswith(".keras"):
-        config_file = os.path.join(os.path.dirname(path), "config.json")
+        config_file = os.path.join(os.path.dirname(path), rundir.CONFIG)
         config = rundir.read_json(config_file) if os.path.isfile(config_file) else {}
         return _bundle(_load_keras(path), path, config, kind="keras", source=path)
     raise ModelPathError(f"{path!r} is not a .keras file, a run dir or a SavedModel dir.")
@@ -115,7 +125,7 @@ def is_saved_model_dir(path):
 
 
 def _open_run_dir(path):
-    config = rundir.read_json(os.path.join(path, "config.json"))
+    config = rundir.read_json(os.path.join(path, rundir.CONFIG))
     present = [name for name in rundir.MODEL_FILES if os.path.isfile(os.path.join(path, name))]
     if not present:
         raise ModelPathError(f"Run dir {path!r} has no model file ({', '.join(rundir.MODEL_FILES)}).")
@@ -134,16 +144,8 @@ def _open_run_dir(path):
     raise ModelPathError(f"Run dir {path!r} has no loadable model file: {', '.join(broken + missing)}.")
 
 
-class KerasFileError(ModelPathError):
-    def __init__(self, model_file, reason):
-        super().__init__(f"Cannot load {model_file!r} as a Keras model: {reason}")
-        self.reason = reason
-
-
 def _load_keras(model_file):
-    import keras
-
-    import keras_convmixer  # noqa: F401  (registers our layers for deserialization)
+    from keras_convmixer import load_model  # registers our layers before Keras reads the file
 
     # Keras says "File not found" for an empty or truncated archive: name what is wrong instead.
     if os.path.getsize(model_file) == 0:
@@ -151,10 +153,9 @@ def _load_keras(model_file):
     if not zipfile.is_zipfile(model_file):
         raise KerasFileError(model_file, "not a complete .keras zip archive: truncated, or not a Keras file")
     try:
-        return keras.saving.load_model(model_file, compile=False)  # inference only: no optimizer needed
+        return load_model(model_file, compile=False)  # inference only: no optimizer needed
     except Exception as err:  # zip/h5/config errors all mean "not a usable .keras file"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KerasFileError(model_file, first) from None
+        raise KerasFileError(model_file, first_line(err)) from None
 
 
 def _bundle(model, model_file, config, kind, source):
@@ -165,12 +166,12 @@ def _bundle(model, model_file, config, kind, source):
 def _complete_config(config, model):
     """Fill what a bare ``.keras`` file does not say with its own shapes and neutral defaults."""
     config = dict(config)
-    num_classes = int(model.get_layer("head").units) if _has_layer(model, "head") else None
+    if not _has_layer(model, "head"):
+        raise ModelPathError(f"Model {model.name!r} is not a ConvMixer classifier (it has no 'head' layer).")
+    num_classes = int(model.get_layer("head").units)
     if not config.get("image_size"):
         size = model.input_shape[1]
         config["image_size"] = int(size) if size else DEFAULT_IMAGE_SIZE
-    if num_classes is None:
-        raise ModelPathError(f"Model {model.name!r} is not a ConvMixer classifier (it has no 'head' layer).")
     if not config.get("class_names"):
         config["class_names"] = [f"class_{i}" for i in range(num_classes)]
     if len(config["class_names"]) != num_classes:
@@ -178,10 +179,20 @@ def _complete_config(config, model):
             f"config.json lists {len(config['class_names'])} class names but the model has {num_classes} outputs."
         )
     config.setdefault("num_classes", len(config["class_names"]))
-    config.setdefault("crop_pct", 1.0)
-    config.setdefault("interpolation", "bilinear")
     config.setdefault("model", model.name)
+    for key, value in _default_eval(config["model"]).items():
+        config.setdefault(key, value)
     return config
+
+
+def _default_eval(name):
+    """The eval transform of a named variant (a builder's model is named after it), as its published accuracy was
+    measured; the whole image, resized, for any other model."""
+    try:
+        preset = presets.eval_preset(name)
+    except ValueError:
+        return {"crop_pct": NEUTRAL_CROP_PCT, "interpolation": NEUTRAL_INTERPOLATION}
+    return {"crop_pct": preset["crop_pct"], "interpolation": preset["interpolation"]}
 
 
 def _open_saved_model(path):
@@ -222,154 +233,3 @@ def logits_model(model):
     features = model.get_layer("pool").output
     logits = keras.ops.add(keras.ops.matmul(features, head.kernel), head.bias)
     return keras.Model(model.inputs, [logits, features], name=f"{model.name}_logits")
-
-
-def preprocess(images_uint8, image_size, crop_pct=1.0, interpolation="bilinear"):
-    """The eval transform on a list of uint8 HWC images of any sizes -> float32 ``[N, S, S, 3]``."""
-    from keras_convmixer.data import eval_transform
-
-    out = [np.asarray(eval_transform(im, image_size, crop_pct, interpolation)) for im in images_uint8]
-    return np.stack(out) if out else np.zeros((0, image_size, image_size, 3), "float32")
-
-
-def softmax(logits):
-    logits = np.asarray(logits, dtype="float64")
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return (z / z.sum(axis=-1, keepdims=True)).astype("float32")
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def evaluate(model_path, data=None, *, split="val", val_split=None, val_source=None, seed=None, batch_size=64,
-             data_dir=None, trust_savedmodel=False):
-    """Top-1, top-5 and cross-entropy of a model on one split of a data source.
-
-    ``data``, ``val_split`` and ``seed`` default to the run's config, so
-    ``split="val"`` is the run's own validation split. Returns a JSON-able dict.
-    A SavedModel needs ``trust_savedmodel=True`` (see ``open_model``).
-    """
-    from keras_convmixer import data as data_lib
-
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
-    bundle = open_model(model_path, trust_savedmodel=trust_savedmodel)
-    config = bundle.config
-    data = data or config.get("data")
-    if not data:
-        raise ValueError("No data source: pass --data (the model's config names none).")
-    val_split = config.get("val_split", 0.1) if val_split is None else val_split
-    seed = config.get("seed", 0) if seed is None else seed
-    source = data_lib.load_source(data, val_split=val_split, val_source=val_source, seed=seed, data_dir=data_dir)
-    _check_classes(bundle, source.class_names)
-    chosen = source.train if split == "train" else source.val
-    if chosen is None or len(chosen) == 0:
-        raise ValueError(f"{data} has no {split!r} split (val_split={val_split}).")
-    dataset = data_lib.make_dataset(
-        chosen, image_size=bundle.image_size, batch_size=batch_size, training=False,
-        crop_pct=bundle.crop_pct, interpolation=bundle.interpolation, cache=False,
-    )
-    k = min(5, bundle.num_classes)
-    count = top1 = topk = 0
-    loss_sum = 0.0
-    for images, labels in dataset.as_numpy_iterator():
-        logits = np.asarray(bundle.logits(images, batch_size=batch_size), "float64")
-        labels = labels.astype(int)
-        log_probs = logits - logits.max(-1, keepdims=True)
-        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-        loss_sum += float(-log_probs[np.arange(len(labels)), labels].sum())
-        top1 += int((logits.argmax(-1) == labels).sum())
-        best_k = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-        topk += int((best_k == labels[:, None]).any(-1).sum())
-        count += len(labels)
-    if count == 0:
-        raise ValueError(f"No readable images in the {split!r} split of {data}.")
-    return {
-        "model": bundle.source,
-        "model_kind": bundle.kind,
-        "data": data,
-        "split": split,
-        "val_split": val_split,
-        "seed": seed,
-        "num_images": count,
-        "num_classes": bundle.num_classes,
-        # Counted after the pass: the decode step records the files it could not use as it meets them.
-        "skipped_files": source.skipped,
-        "unreadable_files": source.audit.failures,
-        "top1": top1 / count,
-        "top5": topk / count,
-        "top5_k": k,
-        "loss": loss_sum / count,
-        "image_size": bundle.image_size,
-        "crop_pct": bundle.crop_pct,
-        "interpolation": bundle.interpolation,
-    }
-
-
-def _check_classes(bundle, data_class_names):
-    if len(data_class_names) != bundle.num_classes:
-        raise ValueError(
-            f"The data has {len(data_class_names)} classes but the model has {bundle.num_classes}."
-        )
-    generic = all(name == f"class_{i}" for i, name in enumerate(bundle.class_names))
-    if not generic and list(data_class_names) != bundle.class_names:
-        raise ValueError(
-            f"The data's classes {list(data_class_names)[:5]} do not match the model's {bundle.class_names[:5]}."
-        )
-
-
-# --------------------------------------------------------------------------- predict
-
-
-def list_images(paths):
-    """Expand files and folders (their image files, sorted, not recursive) into a list of files."""
-    from keras_convmixer.data import IMAGE_EXTENSIONS
-
-    files = []
-    for path in paths:
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            found = sorted(
-                os.path.join(path, name) for name in os.listdir(path) if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise FileNotFoundError(f"Folder {path!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"Image path {path!r} does not exist.")
-    return files
-
-
-def predict(model_path, images, top_k=5, *, trust_savedmodel=False):
-    """Top-k class names and scores for image files and folders: a list of dicts, one per file.
-
-    A SavedModel needs ``trust_savedmodel=True`` (see ``open_model``).
-    """
-    from keras_convmixer.data import read_image
-
-    if int(top_k) < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
-    files = list_images(images)
-    decoded = [read_image(f) for f in files]  # bad images fail before the (slow) model load
-    bundle = open_model(model_path, trust_savedmodel=trust_savedmodel)
-    k = min(int(top_k), bundle.num_classes)
-    if bundle.saved_model is not None:
-        import tensorflow as tf
-
-        serve = bundle.saved_model.signatures["serve"]
-        probabilities = np.concatenate(
-            [serve(images=tf.constant(im[None]))["probabilities"].numpy() for im in decoded]
-        )
-    else:
-        x = preprocess(decoded, bundle.image_size, bundle.crop_pct, bundle.interpolation)
-        probabilities = softmax(bundle.logits(x))
-    names = bundle.class_names
-    results = []
-    for path, probs in zip(files, probabilities, strict=True):
-        order = np.argsort(-probs, kind="stable")[:k]
-        results.append(
-            {"file": path, "top_k": [{"class": names[i], "index": int(i), "score": float(probs[i])} for i in order]}
-        )
-    return results

@@ -6,7 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_convmixer import randaugment as ra
+from keras_convmixer.augment import image_ops
+from keras_convmixer.augment import randaugment as ra
+from keras_convmixer.augment.erasing import RandomErasing
+from keras_convmixer.augment.xp import keras_namespace, tf_namespace
 from tests.helpers import to_numpy
 from tests.vision_reference import vision_or_skip
 
@@ -25,7 +28,7 @@ def structured_images(n=4, height=H, width=W, seed=0):
         img[..., 2] = 100 + 60 * np.sin(x / 3.0 + i)
         cy, cx = rng.integers(6, height - 6), rng.integers(6, width - 6)
         img[(y - cy) ** 2 + (x - cx) ** 2 < 25] = rng.integers(0, 255, 3)
-        img[rng.integers(0, height // 2):, rng.integers(0, width // 2):rng.integers(width // 2, width)] *= 0.6
+        img[rng.integers(0, height // 2) :, rng.integers(0, width // 2) : rng.integers(width // 2, width)] *= 0.6
         img += rng.normal(0, 8, img.shape)
         lo, hi = [(0, 255), (20, 230), (60, 200), (0, 255)][i % 4]
         out.append(np.clip(np.round(img), lo, hi).astype(np.uint8))
@@ -62,8 +65,7 @@ def ours_both(layer, name, images, magnitude, sign):
     def run(xp):
         return lambda x, m, s: layer.apply_op(xp, x, name, m, s)
 
-    return (device(run(ra.keras_namespace()), images, magnitude, sign),
-            host(run(ra.tf_namespace()), images, magnitude, sign))
+    return (device(run(keras_namespace()), images, magnitude, sign), host(run(tf_namespace()), images, magnitude, sign))
 
 
 def check(ours, ref, name, exact):
@@ -79,10 +81,11 @@ def check(ours, ref, name, exact):
 # --------------------------------------------------------------------------------------------------
 # Each op against the libraries' own functions.
 
+
 def test_torchvision_magnitude_tables_match():
     _, torchvision, _ = vision_or_skip()
     space = torchvision.transforms.RandAugment()._augmentation_space(31, (H, W))
-    ours = ra.torchvision_magnitudes(31, H, W)
+    ours = image_ops.torchvision_magnitudes(31, H, W)
     assert list(space) == list(ra.TORCHVISION_OPS)
     for name, (table, signed) in space.items():
         assert ours[name][1] == signed, name
@@ -104,8 +107,9 @@ def test_torchvision_op_matches_torchvision(name):
         table, signed = torchvision.transforms.RandAugment(2, b)._augmentation_space(31, (H, W))[name]
         m = float(table[b].item()) if table.ndim else 0.0
         m = -m if signed and s < 0 else m
-        refs += [np.asarray(_apply_op(Image.fromarray(img), name, m, InterpolationMode.NEAREST, None))
-                 for img in images]
+        refs += [
+            np.asarray(_apply_op(Image.fromarray(img), name, m, InterpolationMode.NEAREST, None)) for img in images
+        ]
         values += [abs(m)] * len(images)
         signs += [s] * len(images)
     ref = np.stack(refs).astype(np.float64)
@@ -115,22 +119,26 @@ def test_torchvision_op_matches_torchvision(name):
 
     def run(xp):
         def op(x, v, s):
-            return ra.PIXEL_OPS[name](xp, x, xp.cast(ra.torchvision_arg(name, xp, v, s), xp.float32), ctx)
+            arg = xp.cast(image_ops.torchvision_arg(name, xp, v, s), xp.float32)
+            return image_ops.PIXEL_OPS[name](xp, x, arg, ctx)
+
         return op
 
     values, signs = np.asarray(values, "float32"), np.asarray(signs, "float32")
-    on_device = device(run(ra.keras_namespace()), batch.astype("float32"), values, signs)
-    on_host = host(run(ra.tf_namespace()), batch.astype("float32"), values, signs)
+    on_device = device(run(keras_namespace()), batch.astype("float32"), values, signs)
+    on_host = host(run(tf_namespace()), batch.astype("float32"), values, signs)
     check(on_device, ref, name, exact=True)
     check(on_host, ref, name, exact=True)
     # The layer's own argument for its bin is the table's (signed) value.
     for b in (1, 12, 30):
         layer = ra.RandAugment(magnitude=b)
-        arg = to_numpy(layer.op_arg(ra.keras_namespace(), name, keras.ops.zeros((2,)),
-                                    keras.ops.convert_to_tensor([1.0, -1.0]), H, W))
-        table, signed = ra.torchvision_magnitudes(31, H, W)[name]
-        expect = np.asarray(ra.torchvision_arg(name, np, np.float32(table[b]), np.array([1.0, -1.0]) if signed
-                                               else np.ones(2)))
+        arg = to_numpy(
+            layer.op_arg(keras_namespace(), name, keras.ops.zeros((2,)), keras.ops.convert_to_tensor([1.0, -1.0]), H, W)
+        )
+        table, signed = image_ops.torchvision_magnitudes(31, H, W)[name]
+        expect = np.asarray(
+            image_ops.torchvision_arg(name, np, np.float32(table[b]), np.array([1.0, -1.0]) if signed else np.ones(2))
+        )
         np.testing.assert_allclose(arg, expect, rtol=1e-6)
 
 
@@ -163,7 +171,7 @@ def test_timm_op_matches_timm(name, monkeypatch):
     layer = ra.RandAugment("timm", increasing=name not in TIMM_EXTRA)
     batch = np.concatenate([images] * len(cases))
     on_device, on_host = ours_both(layer, name, batch, mags, signs)
-    exact = name not in ra.GEOMETRIC_OPS
+    exact = name not in image_ops.GEOMETRIC_OPS
     check(on_device, ref, name, exact)
     check(on_host, ref, name, exact)
     # Host and device run the same rule: equal up to float32 evaluation order.
@@ -172,6 +180,7 @@ def test_timm_op_matches_timm(name, monkeypatch):
 
 # --------------------------------------------------------------------------------------------------
 # Sampling: which op, which sign, whether applied, which magnitude, per image.
+
 
 def candidates(layer, image):
     """Every (op, sign) output of one torchvision-policy image, by the libraries' definitions."""
@@ -184,7 +193,7 @@ def candidates(layer, image):
     keys, outs = [], []
     for i, (name, (table, signed)) in enumerate(space.items()):
         m = float(table[layer.magnitude].item()) if table.ndim else 0.0
-        for s in ((1, -1) if signed else (1,)):
+        for s in (1, -1) if signed else (1,):
             keys.append((i, s))
             outs.append(np.asarray(_apply_op(Image.fromarray(image), name, s * m, InterpolationMode.NEAREST, None)))
     return keys, np.stack(outs).astype(np.float32)
@@ -241,8 +250,9 @@ def test_torchvision_ops_drawn_uniformly_per_image(path):
 def test_timm_probability_and_magnitude_noise(path):
     stats = pytest.importorskip("scipy.stats")
     # Brightness (non-increasing) scales by m * 0.18 + 0.1: a flat grey 100 reveals each magnitude.
-    layer = ra.RandAugment("timm", num_ops=1, magnitude=9, magnitude_std=0.5, increasing=False,
-                           ops=("Brightness",), seed=3)
+    layer = ra.RandAugment(
+        "timm", num_ops=1, magnitude=9, magnitude_std=0.5, increasing=False, ops=("Brightness",), seed=3
+    )
     n = 4000
     outputs = augment_path(layer, np.full((n, 4, 4, 3), 100.0, "float32"), path, seed=2)
     values = outputs[:, 0, 0, 0]
@@ -277,6 +287,7 @@ def test_from_timm_string_matches_timm():
 # --------------------------------------------------------------------------------------------------
 # The layer.
 
+
 def test_layer_is_identity_at_inference_and_seeded():
     images = structured_images(6).astype("float32")
     layer = ra.RandAugment("torchvision", magnitude=12, seed=5)
@@ -306,18 +317,21 @@ def test_config_round_trip():
     assert isinstance(restored.layers[0], ra.RandAugment) and restored.layers[0].fill == (128.0, 128.0, 128.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(policy="autoaugment"), "policy"),
-    (dict(magnitude=31), "magnitude"),
-    (dict(magnitude=2.5), "magnitude"),
-    (dict(num_ops=-1), "num_ops"),
-    (dict(policy="timm", magnitude=-1), "magnitude"),
-    (dict(magnitude_std=0.5), "magnitude_std"),
-    (dict(prob=1.5), "prob"),
-    (dict(fill=(0, 0, 300)), "fill"),
-    (dict(interpolation="bicubic"), "interpolation"),
-    (dict(ops=("Invert",)), "ops"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(policy="autoaugment"), "policy"),
+        (dict(magnitude=31), "magnitude"),
+        (dict(magnitude=2.5), "magnitude"),
+        (dict(num_ops=-1), "num_ops"),
+        (dict(policy="timm", magnitude=-1), "magnitude"),
+        (dict(magnitude_std=0.5), "magnitude_std"),
+        (dict(prob=1.5), "prob"),
+        (dict(fill=(0, 0, 300)), "fill"),
+        (dict(interpolation="bicubic"), "interpolation"),
+        (dict(ops=("Invert",)), "ops"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ra.RandAugment(**kwargs)
@@ -334,8 +348,6 @@ def test_bad_inputs():
 
 def test_in_compiled_train_step():
     """A tiny model with RandAugment and RandomErasing inside trains under the backend's compiled step."""
-    from keras_convmixer.erasing import RandomErasing
-
     rng = np.random.default_rng(0)
     x = structured_images(16, 16, 16).astype("float32")
     y = rng.integers(0, 2, 16)

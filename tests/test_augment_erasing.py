@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_convmixer import randaugment as ra
-from keras_convmixer.erasing import ATTEMPTS, RandomErasing
+from keras_convmixer.augment.erasing import ATTEMPTS, RandomErasing
+from keras_convmixer.augment.xp import keras_namespace, tf_namespace
 from tests.helpers import to_numpy
 from tests.vision_reference import vision_or_skip
 
@@ -113,14 +113,18 @@ def test_host_and_device_run_the_same_rule():
     rng = np.random.default_rng(1)
     n = 16
     images = rng.integers(0, 256, (n, H, W, 3)).astype("float32")
-    draws = [rng.random(n).astype("float32"), rng.random(n).astype("float32"),
-             [rng.random((n, ATTEMPTS, 2)).astype("float32") for _ in range(2)],
-             [rng.random((n, 2)).astype("float32") for _ in range(2)],
-             [rng.normal(size=(n, H, W, 3)).astype("float32") for _ in range(2)]]
+    draws = [
+        rng.random(n).astype("float32"),
+        rng.random(n).astype("float32"),
+        [rng.random((n, ATTEMPTS, 2)).astype("float32") for _ in range(2)],
+        [rng.random((n, 2)).astype("float32") for _ in range(2)],
+        [rng.normal(size=(n, H, W, 3)).astype("float32") for _ in range(2)],
+    ]
     layer = RandomErasing(0.7, mode="pixel", max_count=2, mean=MEAN, std=STD)
-    on_device = to_numpy(layer.apply(ra.keras_namespace(), *keras.tree.map_structure(
-        keras.ops.convert_to_tensor, [images, *draws])))
-    on_host = layer.apply(ra.tf_namespace(), tf.convert_to_tensor(images), *draws).numpy()
+    on_device = to_numpy(
+        layer.apply(keras_namespace(), *keras.tree.map_structure(keras.ops.convert_to_tensor, [images, *draws]))
+    )
+    on_host = layer.apply(tf_namespace(), tf.convert_to_tensor(images), *draws).numpy()
     np.testing.assert_allclose(on_device, on_host, rtol=1e-6, atol=1e-4)
     assert (on_device != images).any()
 
@@ -133,14 +137,17 @@ def test_identity_at_inference_and_config_round_trip():
     assert clone.get_config() == layer.get_config()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(probability=1.5), "probability"),
-    (dict(mode="noise"), "mode"),
-    (dict(min_area=0.5, max_area=0.2), "min_area"),
-    (dict(min_aspect=0), "min_aspect"),
-    (dict(min_count=2, max_count=1), "min_count"),
-    (dict(std=(0.2, 0.2)), "mean and std"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(probability=1.5), "probability"),
+        (dict(mode="noise"), "mode"),
+        (dict(min_area=0.5, max_area=0.2), "min_area"),
+        (dict(min_aspect=0), "min_aspect"),
+        (dict(min_count=2, max_count=1), "min_count"),
+        (dict(std=(0.2, 0.2)), "mean and std"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RandomErasing(**kwargs)

@@ -1,0 +1,383 @@
+"""tf.data pipelines: ``make_dataset`` turns a split into batches that ``model.fit`` accepts on every backend.
+
+TensorFlow is imported lazily, by ``import_tf``, inside the functions that build pipelines, so
+importing this module (and the package) costs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keras_convmixer.data.folders import DecodeAudit
+from keras_convmixer.data.sources import Split
+from keras_convmixer.data.transforms import check_interpolation, check_max_pixels, eval_geometry, scale_size
+
+# Decoded splits up to this size are cached in RAM by tf.data (CIFAR-10 needs 150 MB).
+CACHE_BUDGET_BYTES = 4 * 1024**3
+
+_tf_ready = False
+
+
+def import_tf():
+    """TensorFlow, configured once to leave the accelerators to JAX or torch when it only feeds data."""
+    global _tf_ready
+    import tensorflow as tf
+
+    if not _tf_ready:
+        import keras
+
+        _tf_ready = True
+        if keras.backend.backend() != "tensorflow":
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:
+                pass  # TF's runtime is already up; too late to change, and not ours to break
+    return tf
+
+
+def eval_geometry_tf(height, width, image_size: int, crop_pct: float = 1.0):
+    """``eval_geometry`` in graph, for sizes known once an image is decoded: int32 ``(new_h, new_w, top, left)``."""
+    tf = import_tf()
+    scale = scale_size(image_size, crop_pct)
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    portrait = width <= height
+    new_long = (scale * tf.maximum(height, width)) // tf.minimum(height, width)
+    new_h = tf.where(portrait, new_long, scale)
+    new_w = tf.where(portrait, scale, new_long)
+
+    def centre(new):  # tf.round rounds half to even, as Python's round does
+        return tf.cast(tf.round(tf.cast(new - image_size, tf.float32) / 2.0), tf.int32)
+
+    return new_h, new_w, centre(new_h), centre(new_w)
+
+
+def eval_transform(image, image_size: int, crop_pct: float = 1.0, interpolation: str = "bilinear"):
+    """Resize the shorter side to ``int(image_size / crop_pct)``, then centre-crop ``image_size``, in TensorFlow.
+
+    ``image`` is a uint8 (or float) HWC tensor; returns float32 ``[image_size, image_size, 3]`` in
+    [0, 255], rounded like a uint8 PIL pipeline. Usable inside tf.data and in an exported graph.
+    The box is ``transforms.eval_geometry``'s; the resampler is TensorFlow's (antialiased when shrinking).
+    """
+    tf = import_tf()
+    check_interpolation(interpolation)
+    eval_geometry(1, 1, image_size, crop_pct)  # the argument checks, before any graph is built
+    image = tf.convert_to_tensor(image)
+    shape = tf.shape(image)
+    new_h, new_w, top, left = eval_geometry_tf(shape[0], shape[1], image_size, crop_pct)
+    resized = _resize(image, new_h, new_w, interpolation)
+    crop = resized[top : top + image_size, left : left + image_size, :]
+    crop = tf.round(tf.clip_by_value(crop, 0.0, 255.0))
+    return tf.ensure_shape(crop, [image_size, image_size, 3])
+
+
+def _resize(image, new_h, new_w, method):
+    """float32 resize; antialiased only when shrinking (ScaleAndTranslate is several times slower and
+    gives the same result when enlarging), and no work at all when the size already matches."""
+    tf = import_tf()
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    size = tf.stack([new_h, new_w])
+
+    def resize(antialias):
+        return lambda: tf.cast(tf.image.resize(image, size, method=method, antialias=antialias), tf.float32)
+
+    same = tf.logical_and(tf.equal(h, new_h), tf.equal(w, new_w))
+    shrink = tf.logical_or(tf.less(new_h, h), tf.less(new_w, w))
+    return tf.cond(same, lambda: tf.cast(image, tf.float32), lambda: tf.cond(shrink, resize(True), resize(False)))
+
+
+def _encoded_size(contents):
+    """``(height, width)`` as int64 from the encoded bytes, as ``transforms.image_header`` reads them; 0 if unknown.
+
+    For splits whose sizes the scan did not read (``verify="none"``, hand-made splits). Only the
+    branch of the file's format runs.
+    """
+    tf = import_tf()
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(contents, 0, 32), b"\0" * 32]), 0, 32)
+
+    def number(start, n, big_endian=False):
+        digits = tf.cast(tf.io.decode_raw(tf.strings.substr(head, start, n), tf.uint8), tf.int64)
+        return tf.reduce_sum(
+            digits * tf.constant([256 ** (n - 1 - k if big_endian else k) for k in range(n)], tf.int64)
+        )
+
+    def is_(prefix, start=0):
+        return tf.equal(tf.strings.substr(head, start, len(prefix)), prefix)
+
+    def signed32(v):
+        return tf.abs(tf.where(v >= 2**31, v - 2**32, v))
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(contents, output_type=tf.int64)
+        return shape[0], shape[1]
+
+    def bmp():
+        core = tf.equal(number(14, 4), 12)  # OS/2 header: 16-bit sizes
+        height = tf.where(core, number(20, 2), signed32(number(22, 4)))
+        return height, tf.where(core, number(18, 2), signed32(number(18, 4)))
+
+    def vp8l():
+        bits = number(21, 4)
+        return (bits // 2**14) % 2**14 + 1, bits % 2**14 + 1
+
+    branches = [  # (signature, size)
+        (is_(b"\xff\xd8\xff"), jpeg),
+        (is_(b"\x89PNG"), lambda: (number(20, 4, True), number(16, 4, True))),
+        (is_(b"GIF8"), lambda: (number(8, 2), number(6, 2))),  # the logical screen, which TF decodes to
+        (is_(b"BM"), bmp),
+        (is_(b"WEBPVP8 ", 8), lambda: (number(28, 2) % 2**14, number(26, 2) % 2**14)),
+        (is_(b"WEBPVP8L", 8), vp8l),
+        (is_(b"WEBPVP8X", 8), lambda: (number(27, 3) + 1, number(24, 3) + 1)),
+        (tf.constant(True), lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64))),
+    ]
+    kind = tf.argmax(tf.cast(tf.stack([match for match, _ in branches]), tf.int32), output_type=tf.int32)
+    return tf.switch_case(kind, [size for _, size in branches])
+
+
+def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, buffer, seed):
+    """The decoded stream of a files split, as ``(uint8 image, tag)``, and ``finish``, which batches it.
+
+    A file that fails to decode (or, when the scan did not read sizes, has more than
+    ``split.max_pixels`` pixels: refused from its header) is dropped by ``ignore_errors``, but
+    not silently. The label carries the file's index (``tag = index * classes + label``), so the
+    stream carries nothing more than before and no Python or table work runs per image. Each
+    batch notes, in a table, the last pass in which each of its files came out; the batches
+    come in decode order, so a file missing from a finished pass (or, unshuffled, from the part
+    before the furthest file batched) failed. A shuffled pass holds each file once, so a batch
+    tells the passes apart: a file already seen in the current pass opens the next one.
+    ``audit`` reads the tables lazily, on the host; a file is one entry however often a
+    repeating stream retries it.
+    """
+    tf = import_tf()
+    n = len(split.paths)
+    classes = int(split.labels.max()) + 1
+    max_pixels = check_max_pixels(split.max_pixels)
+    check_sizes = not split.sizes_checked and max_pixels is not None
+    finite = not (training and repeat)
+    seen = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)  # index -> last pass
+    marks = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+    # Training: the current pass, and the first pass of this iteration; evaluation: the furthest index batched;
+    # both: 1 once a finite stream ended.
+    current, first, furthest, ended = (tf.constant(k, tf.int64) for k in (0, 1, 2, 3))
+
+    tags = np.arange(n, dtype=np.int64) * classes + split.labels.astype(np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((list(split.paths), tags))
+    if training and not cache:
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+
+    def decode(path, tag):
+        contents = tf.io.read_file(path)
+        checks = []
+        if check_sizes:
+            height, width = _encoded_size(contents)
+            checks = [tf.debugging.assert_less_equal(height * width, tf.constant(max_pixels, tf.int64))]
+        with tf.control_dependencies(checks):
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+        return tf.ensure_shape(image, [None, None, 3]), tag
+
+    def nothing_but(effect, like):
+        """A dataset shaped like ``like`` that yields nothing; ``effect`` runs when it is reached."""
+
+        def run(*_):
+            with tf.control_dependencies(effect()):
+                return tf.constant(False)
+
+        dummy = tf.nest.map_structure(lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), like.element_spec)
+        return tf.data.Dataset.from_tensors(dummy).filter(run)
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    if training and cache:
+        ds = ds.cache().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+    if training:  # each iteration numbers its passes above all earlier ones
+
+        def restart():
+            k = tf.reshape(marks.lookup(current), []) + 1  # a table's lookup has no static shape
+            return [marks.insert(current, k), marks.insert(first, k)]
+
+        ds = nothing_but(restart, ds).concatenate(ds)
+
+    def note(images, batch_tags):
+        indices = batch_tags // classes
+        if training:
+            now = tf.reshape(marks.lookup(current), [])
+            earlier = tf.linalg.band_part(tf.ones([tf.size(indices)] * 2, tf.bool), -1, 0)  # j <= i
+            repeats = tf.logical_and(tf.equal(indices[:, None], indices[None, :]), earlier)
+            # A file's k-th appearance in this batch is in the k-th pass from now, one more if it was seen in this one.
+            passes = now + tf.reduce_sum(tf.cast(repeats, tf.int64), axis=1) - 1
+            passes += tf.cast(tf.equal(seen.lookup(indices), now), tf.int64)
+            with tf.control_dependencies([seen.insert(indices, passes)]):
+                moved = marks.insert(current, tf.reduce_max(passes))
+        else:
+            with tf.control_dependencies([seen.insert(indices, tf.zeros_like(indices))]):
+                moved = marks.insert(furthest, tf.maximum(marks.lookup(furthest), tf.reduce_max(indices)))
+        with tf.control_dependencies([moved]):
+            return tf.identity(images), tf.cast(batch_tags % classes, tf.int32)
+
+    def finish(images, batch_size, drop_remainder):
+        """Batch, note each batch in order, and only then drop a last partial batch (it must be noted)."""
+        drop_later = drop_remainder and finite
+        batched = images.batch(
+            batch_size,
+            drop_remainder=drop_remainder and not drop_later,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        batched = batched.map(note)  # one batch at a time
+        if finite:
+            batched = batched.concatenate(nothing_but(lambda: [marks.insert(ended, tf.constant(1, tf.int64))], batched))
+        if drop_later:
+            batched = batched.filter(lambda x, y: tf.equal(tf.size(y), batch_size))
+            batched = batched.map(
+                lambda x, y: (tf.ensure_shape(x, [batch_size, *x.shape[1:]]), tf.ensure_shape(y, [batch_size]))
+            )
+        return batched
+
+    def watcher():
+        # The marks first: every image before them has been noted by the time they are read.
+        mark_keys, mark_values = (t.numpy().tolist() for t in marks.export())
+        mark = dict(zip(mark_keys, mark_values, strict=True))
+        indices, passes = (t.numpy() for t in seen.export())
+        last = np.full(n, -1, np.int64)
+        last[indices] = passes
+        failed = (last < 0) if mark.get(3) == 1 else np.zeros(n, bool)
+        if not training:
+            failed |= (np.arange(n) <= mark.get(2, -1)) & (last < 0)
+        elif mark.get(0, -1) - 1 >= mark.get(1, 0):  # a pass of this iteration has ended
+            failed |= last < mark[0] - 1
+        return [(split.paths[i], max_pixels) for i in np.flatnonzero(failed)]
+
+    audit._watch(watcher)
+    return ds, finish
+
+
+def _to_rgb(image):
+    tf = import_tf()
+    channels = image.shape[-1]
+    if channels == 1:
+        return tf.image.grayscale_to_rgb(image)
+    if channels == 4:
+        return image[..., :3]
+    return image
+
+
+def _base_dataset(split: Split, training: bool, seed: int):
+    """Return the dataset of ``(image, label)`` of an arrays or TFDS split."""
+    tf = import_tf()
+    if split.kind == "arrays":
+        return tf.data.Dataset.from_tensor_slices((split.images, split.labels.astype(np.int32)))
+    if split.kind == "tfds":
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(split.tfds_name, data_dir=split.data_dir)
+        ds = builder.as_dataset(
+            split=split.tfds_split,
+            as_supervised=True,
+            shuffle_files=training and not builder.info.disable_shuffling,  # TFDS refuses it on ordered data
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        )
+        return ds.map(lambda x, y: (_to_rgb(x), tf.cast(y, tf.int32)))
+    raise ValueError(f"unknown split kind {split.kind!r}")
+
+
+def make_dataset(
+    split: Split,
+    *,
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    image_map=None,
+    batch_map=None,
+    shuffle_buffer: int | None = None,
+    cache: bool | str = "auto",
+    drop_remainder: bool | None = None,
+    repeat: bool = False,
+    audit: DecodeAudit | None = None,
+):
+    """Build the batched ``tf.data.Dataset`` of ``(images float32 [B,H,W,3] in [0,255], labels int32 [B])``.
+
+    training=True: seeded shuffle -> parallel decode -> ``image_map(uint8 HWC)`` per image (default:
+    plain resize to ``image_size``) -> batch (drop_remainder defaults to True) -> ``batch_map`` ->
+    prefetch. training=False: decode -> ``eval_transform`` -> batch -> ``batch_map`` -> prefetch.
+    ``cache="auto"`` caches decoded images in RAM when the split is known to fit
+    (``CACHE_BUDGET_BYTES``); True/False force it. ``shuffle_buffer=None`` shuffles the whole split
+    (uncached TFDS splits: 10,000 decoded images).
+    With a cache, shuffling follows it (a cache before the shuffle would freeze the first order).
+    ``repeat=True`` (training only) makes the stream endless, reshuffled on every pass: give
+    ``model.fit`` ``steps_per_epoch``. Files that fail to decode, or have more than
+    ``split.max_pixels`` pixels, are left out and recorded, with the reason, in ``audit``
+    (default: ``split.audit``); the record shows them once the stream has moved past them.
+    Such a dataset has no known length, and Keras counts an extra optimizer step at the end of
+    each epoch of unknown length.
+    """
+    tf = import_tf()
+    check_interpolation(interpolation)
+    if split is None or not isinstance(split, Split):
+        raise ValueError(f"make_dataset needs a Split from load_source, got {type(split).__name__}")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
+    if audit is not None and not isinstance(audit, DecodeAudit):
+        raise ValueError(f"audit must be a DecodeAudit, got {type(audit).__name__}")
+    if drop_remainder is None:
+        drop_remainder = training
+    if cache == "auto":
+        cache = split.kind != "arrays" and split.pixels is not None and split.pixels <= CACHE_BUDGET_BYTES
+    autotune = tf.data.AUTOTUNE
+    buffer = shuffle_buffer or max(len(split), 1)
+    if shuffle_buffer is None and split.kind == "tfds" and not cache:
+        buffer = min(buffer, 10_000)  # these elements are decoded images (file paths cost nothing to hold)
+
+    if repeat and not training:
+        raise ValueError("make_dataset(repeat=True) is for training streams only")
+    finish = None
+    keep_order = None  # the options decide, except where a files stream's record relies on the decode order
+    if split.kind == "files":
+        keep_order = True
+        if audit is None:
+            audit = split.audit if split.audit is not None else DecodeAudit()
+        ds, finish = _file_stream(split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed)
+    else:
+        ds = _base_dataset(split, training, seed)
+        if training and not cache:
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+            if repeat:
+                ds = ds.repeat()
+    if training:
+        if cache and finish is None:  # files streams cache their decoded images themselves
+            ds = ds.cache().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+            if repeat:
+                ds = ds.repeat()
+        if image_map is None:
+
+            def image_map(image):
+                return _resize(image, image_size, image_size, interpolation)
+
+        def per_image(image, label):
+            out = tf.cast(image_map(image), tf.float32)
+            return tf.ensure_shape(out, [image_size, image_size, 3]), label
+
+        ds = ds.map(per_image, num_parallel_calls=autotune, deterministic=keep_order)
+    else:
+
+        def per_image(image, label):
+            return eval_transform(image, image_size, crop_pct, interpolation), label
+
+        ds = ds.map(per_image, num_parallel_calls=autotune, deterministic=keep_order)
+        if cache:
+            ds = ds.cache()
+    if finish is None:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
+    else:
+        ds = finish(ds, batch_size, drop_remainder)
+    if batch_map is not None:
+        ds = ds.map(batch_map, num_parallel_calls=autotune)
+    options = tf.data.Options()
+    # File lists cannot be sharded by file; shard by element under tf.distribute.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(autotune)

@@ -1,0 +1,143 @@
+"""keras_convmixer.artifacts: opening run dirs, .keras files and SavedModels, and their logits."""
+
+import json
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import keras_convmixer as kc
+from keras_convmixer.artifacts import (
+    KerasFileError,
+    ModelPathError,
+    UntrustedSavedModelError,
+    logits_model,
+    open_model,
+)
+from tests.helpers import randomize_batchnorm
+from tests.shipping import make_run_dir
+
+SIZE = 16
+BROKEN_KERAS_FILES = {
+    "empty": lambda good: b"",
+    "truncated": lambda good: good[: len(good) // 2],  # a kill halfway through the write
+    "garbage": lambda good: b"definitely not a zip archive" * 4,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    return make_run_dir(tmp_path_factory.mktemp("artifacts") / "run", image_size=SIZE)
+
+
+def _images(n=3, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
+
+
+def _run_dir_with(source_run, tmp_path, files):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes((source_run / "config.json").read_bytes())
+    good = (source_run / "best.keras").read_bytes()
+    for name, kind in files.items():
+        (run / name).write_bytes(good if kind == "good" else BROKEN_KERAS_FILES[kind](good))
+    return run
+
+
+def test_a_run_dir_gives_its_config_and_logits(run):
+    path, model = run
+    bundle = open_model(path)
+    assert bundle.kind == "run" and bundle.model_file == str(path / "best.keras")
+    assert bundle.class_names == ["a", "b", "c", "d", "e", "f"] and bundle.num_classes == 6
+    assert (bundle.image_size, bundle.crop_pct, bundle.interpolation) == (SIZE, 0.875, "bilinear")
+    x = _images()
+    np.testing.assert_allclose(bundle.logits(x, batch_size=2), model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_a_bare_keras_file_gets_its_shapes_and_neutral_defaults(tmp_path):
+    model = kc.ConvMixer(8, 1, 3, 4, classes=3, input_shape=(20, 20, 3))  # softmax head: the builders' default
+    randomize_batchnorm(model)
+    model.save(tmp_path / "model.keras")
+    bundle = open_model(tmp_path / "model.keras")
+    assert bundle.kind == "keras"
+    assert bundle.config["image_size"] == 20 and bundle.class_names == ["class_0", "class_1", "class_2"]
+    assert (bundle.crop_pct, bundle.interpolation) == (1.0, "bilinear")
+    # Logits from a softmax head: the pooled features times the head's weights, as NumPy computes them.
+    x = np.random.default_rng(1).uniform(0, 255, (2, 20, 20, 3)).astype("float32")
+    features = keras.Model(model.inputs, model.get_layer("pool").output).predict(x, verbose=0)
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("head").weights)
+    np.testing.assert_allclose(bundle.logits(x), features @ kernel + bias, atol=1e-4)
+
+
+def test_a_bare_keras_file_of_a_named_variant_gets_timms_eval_transform(tmp_path):
+    from tests.vision_reference import vision_or_skip
+
+    _, _, timm = vision_or_skip()
+    kc.ConvMixer768_32(input_shape=(28, 28, 3), classes=5).save(tmp_path / "named.keras")
+    bundle = open_model(tmp_path / "named.keras")
+    cfg = timm.models.get_pretrained_cfg("convmixer_768_32")
+    assert (bundle.crop_pct, bundle.interpolation) == (cfg.crop_pct, cfg.interpolation)
+    assert bundle.config["model"] == "convmixer_768_32"
+
+
+def test_class_names_that_do_not_fit_the_model_are_refused(run, tmp_path):
+    path = _run_dir_with(run[0], tmp_path, {"best.keras": "good"})
+    config = json.loads((path / "config.json").read_text())
+    config["class_names"] = ["only", "three", "names"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelPathError, match="lists 3 class names but the model has 6 outputs"):
+        open_model(path)
+
+
+def test_a_model_that_is_not_a_convmixer_classifier_is_named(tmp_path):
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs), name="not_ours").save(tmp_path / "m.keras")
+    with pytest.raises(ModelPathError, match="'not_ours' is not a ConvMixer classifier"):
+        open_model(tmp_path / "m.keras")
+    with pytest.raises(ModelPathError, match="no 'pool' and 'head' layers"):
+        logits_model(keras.saving.load_model(tmp_path / "m.keras"))
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_KERAS_FILES))
+def test_a_broken_best_keras_falls_back_with_one_warning(run, tmp_path, caplog, kind):
+    path = _run_dir_with(run[0], tmp_path, {"best.keras": kind, "last.keras": "good"})
+    with caplog.at_level(logging.WARNING):
+        bundle = open_model(path)
+    assert bundle.model_file == str(path / "last.keras")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("keras_convmixer")]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "\n" not in message and "best.keras" in message and "using last.keras instead" in message
+    assert "File not found" not in message
+    x = _images()
+    np.testing.assert_allclose(bundle.model.predict(x, verbose=0), run[1].predict(x, verbose=0), atol=1e-6)
+
+
+def test_a_broken_keras_file_given_directly_says_why(run, tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"")
+    with pytest.raises(KerasFileError, match="the file is empty"):
+        open_model(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "missing", "does not exist"),
+        (lambda tmp: tmp, "neither a run dir"),
+        (lambda tmp: (tmp / "weights.h5").write_bytes(b"x") and tmp / "weights.h5", "is not a .keras file"),
+    ],
+)
+def test_paths_that_are_no_model(tmp_path, make, message):
+    with pytest.raises((ModelPathError, FileNotFoundError), match=message):
+        open_model(make(tmp_path))
+
+
+def test_a_savedmodel_is_refused_before_its_graph_loads(tmp_path):
+    # Not a real graph: loading it would fail with a parse error, not this one.
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a graph")
+    with pytest.raises(UntrustedSavedModelError, match="--trust-savedmodel"):
+        open_model(tmp_path / "sm")

@@ -1,0 +1,151 @@
+"""Recipes, config resolution and every config check, without Keras."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from keras_convmixer import recipes
+from keras_convmixer.presets import CIFAR10_MEAN, IMAGENET_MEAN, MODEL_CONFIGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND = keras.backend.backend()
+OTHER_BACKEND_STRATEGY = "mirrored" if BACKEND != "tensorflow" else "data-parallel"
+OTHER_BACKEND = recipes.STRATEGY_BACKEND[OTHER_BACKEND_STRATEGY]
+
+# Imports the module, resolves a config (which checks the data folder) and reports what it loaded.
+_PROBE = """
+import json, sys
+from keras_convmixer import recipes
+cfg = recipes.resolve_config("cifar10", {"data": "folder:" + sys.argv[1], "output_dir": "unused"})
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"keras", "tensorflow", "jax", "torch"})
+print(json.dumps({"heavy": heavy, "backend": recipes.keras_backend(), "model": cfg["model"]}))
+"""
+
+
+def test_recipes_import_and_resolve_without_keras_and_find_the_backend_as_keras_does(tmp_path):
+    home = tmp_path / "keras-home"
+    home.mkdir()
+    (home / "keras.json").write_text(json.dumps({"backend": "jax", "floatx": "float32"}))
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env.update(KERAS_HOME=str(home), PYTHONPATH=ROOT)
+    reports = []
+    for extra in ({}, {"KERAS_BACKEND": "torch"}):  # keras.json, then the variable that overrides it
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(tmp_path)],
+            env={**env, **extra},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["heavy"] for r in reports] == [[], []]
+    assert [r["backend"] for r in reports] == ["jax", "torch"]
+    assert reports[0]["model"] == "convmixer_256_8"
+
+
+def test_recipe_values_then_overrides():
+    cfg = recipes.resolve_config("cifar10", {"lr": 0.1, "epochs": None, "output_dir": "x"})
+    assert cfg["recipe"] == "cifar10" and cfg["lr"] == 0.1
+    assert cfg["epochs"] == 25  # None leaves the recipe's value
+    assert cfg["crop_scale"] == [1.0, 1.0] and cfg["randaug_scale"] == "torchvision"
+    assert cfg["mean"] == list(CIFAR10_MEAN)
+    # A named model brings its architecture.
+    row = MODEL_CONFIGS["convmixer_256_8"]
+    assert (cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"]) == (
+        row["dim"],
+        row["depth"],
+        row["kernel_size"],
+        row["patch_size"],
+    )
+    assert cfg["model_kwargs"] == dict(
+        input_shape=[32, 32, 3],
+        classifier_activation=None,
+        dropout=0.0,
+        initializer="torch",
+        mean=list(CIFAR10_MEAN),
+        std=list(cfg["std"]),
+    )
+    json.dumps(cfg)  # the record in config.json
+
+
+def test_model_names_and_custom_models():
+    cfg = recipes.resolve_config("demo", {"model": "ConvMixer-768-32", "image_size": 224, "output_dir": "x"})
+    assert cfg["model"] == "convmixer_768_32" and cfg["activation"] == "relu"
+    assert cfg["mean"] == list(IMAGENET_MEAN)  # the model's own normalisation
+    assert recipes.describe_model(cfg) == "ConvMixer-768/32 (dim 768, depth 32, kernel 7, patch 7, relu)"
+    demo = recipes.resolve_config("demo", {"output_dir": "x"})
+    assert demo["model_kwargs"]["dim"] == 96 and demo["mean"] == list(IMAGENET_MEAN)
+    assert recipes.describe_model(demo) == "a custom ConvMixer-96/4 (dim 96, depth 4, kernel 3, patch 4)"
+    assert recipes.recipe_value("imagenet", "patch_size") == 7 and recipes.recipe_value("demo", "patch_size") == 4
+    assert recipes.resolve_config("demo", {})["output_dir"].startswith("runs" + os.sep)
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        ("nope", {}, "Unknown recipe 'nope'. Available: imagenet, cifar10, demo."),
+        ("demo", {"learning_rate": 1}, "Unknown config key 'learning_rate'."),
+        ("demo", {"model": "convmixer_9_9"}, "Unknown model"),
+        ("cifar10", {"dim": 128}, "--dim sets the architecture of --model custom, not of the named model"),
+        ("demo", {"dim": None, "model": "custom", "depth": 2}, None),  # the demo's own dim stays
+        ("imagenet", {"model": "custom"}, "--model custom needs --dim, --depth, --kernel-size and --patch-size."),
+        (
+            "demo",
+            {"image_size": 30},
+            "--image-size 30 is not divisible by the patch size 4: use a multiple of 4 (e.g. 28)",
+        ),
+        ("demo", {"lr": -1}, "--lr -1 is out of range: it must be in (0, inf)"),
+        ("demo", {"lr": float("nan")}, "--lr nan is out of range"),
+        ("demo", {"epochs": 2.5}, "--epochs must be a whole number, got 2.5."),
+        ("demo", {"epochs": True}, "--epochs must be a number, got True."),
+        ("demo", {"hflip": 1.5}, "--hflip 1.5 is out of range: it must be in [0, 1]"),
+        ("demo", {"crop_pct": 0}, "--crop-pct 0 is out of range: it must be in (0, 1]"),
+        ("demo", {"crop_ratio": (2, 1)}, "--crop-ratio 2.0,1.0 must be two numbers with 0 < low <= high."),
+        ("demo", {"val_split": 2.5}, "--val-split 2.5 must be a fraction in [0, 1) or a whole number of images."),
+        ("demo", {"process_id": 1}, "--process-id 1 must be in [0, --num-processes 1)."),
+        ("demo", {"strategy": "ring"}, "--strategy must be one of auto, none, mirrored"),
+        ("demo", {"precision": "fp8"}, "--precision must be one of auto, float32, mixed_float16, mixed_bfloat16"),
+        ("demo", {"augment_on": "gpu"}, "--augment-on must be one of host, device, got 'gpu'."),
+        ("demo", {"augment_impl": "x"}, "--augment-impl must be one of convmixer, keras_cv"),
+        ("demo", {"randaug_scale": "x"}, "--randaug-scale must be one of timm, torchvision"),
+        ("demo", {"initializer": "x"}, "--initializer must be one of torch, keras"),
+        ("demo", {"train_interpolation": "area"}, "--train-interpolation must be one of bilinear, bicubic, random"),
+        ("demo", {"interpolation": "lanczos"}, "--interpolation must be one of bilinear, bicubic, nearest, area"),
+        ("demo", {"schedule": "step"}, "--schedule must be one of onecycle, cosine"),
+        (
+            "demo",
+            {"strategy": OTHER_BACKEND_STRATEGY},
+            f"needs KERAS_BACKEND={OTHER_BACKEND} (this run uses {BACKEND})",
+        ),
+        ("demo", {"augment_impl": "keras_cv", "augment_on": "device"}, "keras_cv runs only in the tf.data map"),
+        ("demo", {"in_memory": True}, "--in-memory feeds arrays without tf.data: it needs --augment-on device."),
+        ("demo", {"data": "s3:bucket"}, "unknown data source 's3:bucket'"),
+    ],
+)
+def test_every_mistake_is_one_line_naming_the_flag(recipe, overrides, message):
+    if message is None:
+        assert recipes.resolve_config(recipe, overrides)["dim"] == 96
+        return
+    with pytest.raises(ValueError) as err:
+        recipes.resolve_config(recipe, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_multi_process_needs_jax_and_in_memory_data():
+    with pytest.raises(ValueError, match="--num-processes > 1") as err:
+        recipes.resolve_config("demo", {"num_processes": 2, "coordinator": "127.0.0.1:1234"})
+    if BACKEND == "jax":
+        assert "add --in-memory" in str(err.value)
+    else:
+        assert "needs KERAS_BACKEND=jax" in str(err.value)
+
+
+def test_a_missing_data_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Data folder '.*missing' does not exist."):
+        recipes.resolve_config("demo", {"data": f"folder:{tmp_path / 'missing'}"})
