@@ -34,13 +34,17 @@ _EXPORTS = {
     "gelu_erf": "layers",
     "TorchKernelUniform": "initializers",
     "TorchUniform": "initializers",
+    "decode_predictions": "imagenet",
+    "load_pretrained": "pretrained",
 }
+# Modules that do not import Keras: their names need no backend check.
+_KERAS_FREE = ("presets", "imagenet", "pretrained")
 
 __all__ = sorted([*_EXPORTS, "load_model"])
 
 # Every module that registers classes a saved model of ours can contain: the layers and their
 # initialisers, and the learning-rate schedules that training compiles into best.keras/last.keras.
-_SERIALIZABLE_MODULES = ("layers", "initializers", "schedules")
+_SERIALIZABLE_MODULES = ("layers", "initializers", "schedules", "optim")
 
 
 def _register_serializables():
@@ -63,7 +67,7 @@ def load_model(path, **kwargs):
 
 def __getattr__(name):
     if name in _EXPORTS:
-        if _EXPORTS[name] != "presets":
+        if _EXPORTS[name] not in _KERAS_FREE:
             _check_keras_backend()
         value = getattr(_importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
         globals()[name] = value  # later lookups skip this function

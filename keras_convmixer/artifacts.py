@@ -173,7 +173,7 @@ def _complete_config(config, model):
         size = model.input_shape[1]
         config["image_size"] = int(size) if size else DEFAULT_IMAGE_SIZE
     if not config.get("class_names"):
-        config["class_names"] = [f"class_{i}" for i in range(num_classes)]
+        config["class_names"] = _default_class_names(model.name, num_classes)
     if len(config["class_names"]) != num_classes:
         raise ModelPathError(
             f"config.json lists {len(config['class_names'])} class names but the model has {num_classes} outputs."
@@ -183,6 +183,17 @@ def _complete_config(config, model):
     for key, value in _default_eval(config["model"]).items():
         config.setdefault(key, value)
     return config
+
+
+def _default_class_names(name, num_classes):
+    """A bare ``.keras`` file names no classes. A released variant with 1000 outputs is taken to hold its
+    ImageNet weights (``ConvMixer768_32(weights="imagenet")`` saved as is), as keras.applications' models are;
+    any other model gets ``class_<i>``."""
+    if num_classes == 1000 and name in presets.PRETRAINED:
+        from keras_convmixer.imagenet import class_names
+
+        return class_names()
+    return [f"class_{i}" for i in range(num_classes)]
 
 
 def _default_eval(name):

@@ -21,6 +21,7 @@ from keras_convmixer.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MODEL_CONFIGS,
+    PRETRAINED,
     canonical_name,
     list_models,
     public_name,
@@ -28,6 +29,13 @@ from keras_convmixer.presets import (
 )
 
 _POOLINGS = (None, "avg", "max")
+
+
+class _DefaultStats(tuple):
+    """A mean/std nobody passed: pretrained weights replace it with the normalisation they were trained with."""
+
+
+_DEFAULT_MEAN, _DEFAULT_STD = _DefaultStats(IMAGENET_MEAN), _DefaultStats(IMAGENET_STD)
 
 
 def ConvMixer(
@@ -46,8 +54,8 @@ def ConvMixer(
     classifier_activation="softmax",
     dropout=0.0,
     weights=None,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
+    mean=_DEFAULT_MEAN,
+    std=_DEFAULT_STD,
     feature_extractor=False,
     bn_momentum=BN_MOMENTUM,
     bn_epsilon=BN_EPSILON,
@@ -60,13 +68,24 @@ def ConvMixer(
     validate_initializer(initializer)
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(f"weights must be None or a path to a weights file, got {weights!r}.")
-    if weights is not None and not os.path.exists(weights):
-        raise FileNotFoundError(
-            f"Weights file {os.fspath(weights)!r} does not exist. Pretrained weights are not "
-            "downloaded: convert a timm checkpoint with scripts/convert_timm.py and pass its path."
+    if weights is not None and (not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights)):
+        raise ValueError(f"weights must be None, 'imagenet', 'hf://owner/repo' or a path, got {weights!r}.")
+    pretrained = None
+    if weights is not None and os.fspath(weights).endswith(".weights.h5"):
+        if not os.path.exists(weights):
+            raise FileNotFoundError(
+                f"Weights file {os.fspath(weights)!r} does not exist. For published weights pass "
+                "weights='imagenet' or 'hf://owner/repo'."
+            )
+    elif weights is not None:
+        pretrained = _resolve_pretrained(
+            os.fspath(weights), dim, depth, kernel_size, patch_size, activation, include_top, classes, name
         )
+        # Unless given, the normalisation is the one the weights were trained with.
+        if isinstance(mean, _DefaultStats):
+            mean = tuple(pretrained.meta["mean"])
+        if isinstance(std, _DefaultStats):
+            std = tuple(pretrained.meta["std"])
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}.")
 
@@ -118,9 +137,52 @@ def ConvMixer(
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
     model = keras.Model(inputs, outputs, name=name)
-    if weights is not None:
+    if pretrained is not None:
+        from keras_convmixer.pretrained import load_resolved
+
+        load_resolved(model, pretrained, load_head=bool(include_top and not feature_extractor))
+    elif weights is not None:
         _load_weights(model, weights)
     return model
+
+
+def _resolve_pretrained(spec, dim, depth, kernel_size, patch_size, activation, include_top, classes, name):
+    """Resolve ``weights=`` before the model is built: its normalisation decides the model's, and a head or
+    architecture that cannot fit is one line before anything is downloaded where that can be known."""
+    from keras_convmixer import pretrained
+
+    variant = None
+    if spec == "imagenet":
+        variant = pretrained.variant_for_arch(dim, depth, kernel_size, patch_size)
+        if variant is None:
+            pretrained.imagenet_variant(_variant_named(name))  # raises, naming the variants that have weights
+        trained = MODEL_CONFIGS[variant]["activation"]
+        if activation != trained:
+            raise ValueError(
+                f"weights='imagenet' for {public_name(variant)} were trained with activation={trained!r}, "
+                f"got activation={activation!r}."
+            )
+        if include_top and classes != PRETRAINED[variant]["classes"]:
+            raise ValueError(
+                f"weights='imagenet' with include_top=True needs classes={PRETRAINED[variant]['classes']}, got "
+                f"classes={classes!r}: pass include_top=False for the backbone alone (then add your own head)."
+            )
+    weights = pretrained.resolve_weights(spec, variant)
+    arch = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size)
+    pretrained.check_architecture(weights, arch, name)
+    if include_top and weights.arch["classes"] != classes:
+        raise ValueError(
+            f"weights {spec!r} have a {weights.arch['classes'] or 'no'}-class head but classes={classes!r}: pass "
+            f"classes={weights.arch['classes']}, or include_top=False for the backbone alone."
+        )
+    return weights
+
+
+def _variant_named(name):
+    try:
+        return canonical_name(name)
+    except ValueError:
+        return None
 
 
 # Keras names the variable and both shapes inside a long multi-line message (the file's shape
@@ -165,10 +227,16 @@ _ARG_DOCS = {
     "classes": "number of classes of the head.",
     "classifier_activation": "activation of the head; `None` returns logits.",
     "dropout": "dropout rate before the head.",
-    "weights": "`None` (random initialisation) or the path of a `.weights.h5`/`.keras` file. Nothing is "
-    "downloaded: convert a timm checkpoint with `scripts/convert_timm.py` and pass its path.",
-    "mean": "per-channel RGB mean of the built-in normalisation, as fractions of 1.",
-    "std": "per-channel RGB standard deviation of the built-in normalisation, as fractions of 1.",
+    "weights": '`None` (random initialisation); `"imagenet"` (the released ImageNet-1k weights, downloaded '
+    "from the Hugging Face Hub on first use and cached under `~/.keras/models/convmixer`; with "
+    '`include_top=True` it needs `classes=1000`); `"hf://owner/repo"` or `"hf://owner/repo@revision"` (any '
+    "timm-format ConvMixer repository); or a local path: a `.weights.h5` of this exact model, a timm/official "
+    "checkpoint (`.safetensors`, `.pth`, `.pth.tar`), a `.keras` file or a run directory. With `include_top=False` "
+    "the backbone alone is loaded.",
+    "mean": "per-channel RGB mean of the built-in normalisation, as fractions of 1; with pretrained `weights` "
+    "and no `mean` given, the weights' own.",
+    "std": "per-channel RGB standard deviation of the built-in normalisation, as fractions of 1; with "
+    "pretrained `weights` and no `std` given, the weights' own.",
     "feature_extractor": "return a dict of the stem's and every block's feature maps instead.",
     "bn_momentum": "BatchNorm momentum in Keras's convention (PyTorch's 0.1 is 0.9 here).",
     "bn_epsilon": "BatchNorm epsilon (PyTorch's default).",
@@ -213,7 +281,7 @@ def _make_builder(key):
     row = MODEL_CONFIGS[key]
     builder_name = public_name(key)
     fixed = {k: row[k] for k in _FIXED}
-    defaults = dict(classes=row["classes"], mean=row["mean"], std=row["std"], name=key)
+    defaults = dict(classes=row["classes"], mean=_DefaultStats(row["mean"]), std=_DefaultStats(row["std"]), name=key)
     signature = inspect.Signature(
         [
             param.replace(default=defaults.get(param.name, param.default))
@@ -248,6 +316,18 @@ def _make_builder(key):
         f"Evaluated at {size}x{size}, crop_pct {row['crop_pct']}, {row['interpolation']} resizing "
         f"(`presets.eval_preset({key!r})`)."
     )
+    if key in PRETRAINED:
+        released = PRETRAINED[key]
+        defaults_text += (
+            f' `weights="imagenet"` loads the released ImageNet-1k weights from the Hugging Face Hub '
+            f"({released['hub_id']}, top-1 {released['top1']}% at {released['image_size']} px, "
+            f"{released['license'].upper()} licence)."
+        )
+    else:
+        defaults_text += (
+            f' No ImageNet weights were released for this variant (`weights="imagenet"` works for '
+            f"{', '.join(public_name(k) for k in PRETRAINED)})."
+        )
     builder.__doc__ = (
         f"Instantiates ConvMixer-{row['dim']}/{row['depth']} (kernel {row['kernel_size']}, "
         f"patch {row['patch_size']}, {activation}), registry name `{key}`.\n\n"

@@ -89,3 +89,27 @@ def eval_preset(name):
         mean=row["mean"],
         std=row["std"],
     )
+
+
+# The released ImageNet-1k weights, like timm's ``pretrained_cfg``: where ``weights="imagenet"`` downloads each
+# variant's from, and how its published top-1 (timm's results table, 224 px) was measured.
+def _pretrained(hub_id, top1):
+    return dict(
+        hub_id=hub_id,
+        filename="model.safetensors",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=0.96,
+        interpolation="bicubic",
+        image_size=224,
+        classes=1000,
+        top1=top1,
+        license="mit",
+    )
+
+
+PRETRAINED = {
+    "convmixer_1536_20": _pretrained("timm/convmixer_1536_20.in1k", 81.37),
+    "convmixer_768_32": _pretrained("timm/convmixer_768_32.in1k", 80.16),
+    "convmixer_1024_20": _pretrained("timm/convmixer_1024_20_ks9_p14.in1k", 76.94),
+}

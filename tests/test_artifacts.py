@@ -82,6 +82,19 @@ def test_a_bare_keras_file_of_a_named_variant_gets_timms_eval_transform(tmp_path
     assert bundle.config["model"] == "convmixer_768_32"
 
 
+def test_a_bare_keras_file_of_a_released_variant_with_1000_outputs_names_imagenet_classes(tmp_path):
+    from tests.vision_reference import vision_or_skip
+
+    vision_or_skip()
+    from torchvision.models._meta import _IMAGENET_CATEGORIES  # the reference list: torchvision's, not ours
+
+    # The released variant's name on a small network: only the name and the 1000 outputs matter here.
+    kc.ConvMixer(8, 1, 3, 7, classes=1000, input_shape=(28, 28, 3), name="convmixer_768_32").save(tmp_path / "a.keras")
+    assert open_model(tmp_path / "a.keras").class_names == list(_IMAGENET_CATEGORIES)
+    kc.ConvMixer(8, 1, 3, 7, classes=1000, input_shape=(28, 28, 3), name="mine").save(tmp_path / "b.keras")
+    assert open_model(tmp_path / "b.keras").class_names[:2] == ["class_0", "class_1"]
+
+
 def test_class_names_that_do_not_fit_the_model_are_refused(run, tmp_path):
     path = _run_dir_with(run[0], tmp_path, {"best.keras": "good"})
     config = json.loads((path / "config.json").read_text())

@@ -286,10 +286,14 @@ def test_builder_help_text_names_variant_params_and_args():
     assert "classes=1000" in text and "name='convmixer_768_32'" in text
     assert "ConvMixer-768/32 (kernel 7, patch 7, ReLU)" in text
     assert "21,110,248 trainable parameters" in text and "224x224x3" in text
+    assert 'weights="imagenet"` loads the released ImageNet-1k weights' in text
+    assert "(timm/convmixer_768_32.in1k, top-1 80.16% at 224 px, MIT licence)" in text
+    assert "hf://owner/repo" in text and "`classes=1000`" in text
     doc = kc.ConvMixer256_8.__doc__
     cifar = " ".join(doc.split())
     assert "594,186 trainable parameters" in cifar and "32x32x3" in cifar and "CIFAR-10 normalisation" in cifar
     assert "crop_pct 1.0, bilinear" in cifar and "input_shape: `(height, width, 3)`" in cifar
+    assert "No ImageNet weights were released for this variant" in cifar
     assert "Defaults to `(32, 32, 3)`" in cifar
     args = doc.split("Args:")[1]
     for name in inspect.signature(kc.ConvMixer256_8).parameters:
