@@ -30,25 +30,38 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, use_ema=False):
     """Read a checkpoint into ``{timm_name: np.ndarray}``.
 
     Accepts safetensors files and torch pickles (``.pth``/``.pth.tar``, with or
-    without a ``state_dict`` wrapper or ``module.`` prefixes).
+    without a ``state_dict`` wrapper or ``module.`` prefixes). Like timm's
+    ``load_checkpoint``, a training checkpoint gives its ``state_dict`` (or
+    ``model``); its EMA weights (``state_dict_ema``) only with ``use_ema=True``.
     """
+    return _read(path, use_ema)[0]
+
+
+def _read(path, use_ema=False):
+    """``(state, taken, ema_key)``: the state dict, which part of the file it is, and the EMA entry the file
+    holds (None when it has none)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
     if path.endswith(".safetensors"):
-        state = _read_safetensors(path)
+        if use_ema:
+            raise CheckpointError(
+                f"{os.path.basename(path)!r} is a safetensors file: it holds one state dict and no EMA weights, "
+                "so use_ema (--use-ema) does not apply."
+            )
+        state, taken, ema_key = _read_safetensors(path), "the safetensors state dict", None
     elif path.endswith(_TORCH_SUFFIXES):
-        state = _read_torch(path)
+        state, taken, ema_key = _read_torch(path, use_ema)
     else:
         raise CheckpointError(
             f"Unknown checkpoint type {os.path.basename(path)!r}: expected a .safetensors file "
             "(timm) or a .pth/.pth.tar file (official release)."
         )
-    return to_timm_names(state)
+    return to_timm_names(state), taken, ema_key
 
 
 def _read_safetensors(path):
@@ -63,7 +76,7 @@ def _read_safetensors(path):
         ) from None
 
 
-def _read_torch(path):
+def _read_torch(path, use_ema=False):
     try:
         import torch
     except ImportError:
@@ -83,18 +96,42 @@ def _read_torch(path):
         raise CheckpointError(
             f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(err)}"
         ) from None
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
+    obj, taken, ema_key = _pick_state_dict(path, obj, use_ema)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path!r} holds no state dict (got {type(obj).__name__}).")
     state = {}
     for name, value in obj.items():
         if hasattr(value, "detach"):
             state[name] = value.detach().cpu().float().numpy() if value.is_floating_point() else value.numpy()
-    return state
+    return state, taken, ema_key
+
+
+_WEIGHT_KEYS = ("state_dict", "model")  # timm's order for the trained weights
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
+def _pick_state_dict(path, obj, use_ema):
+    """The state dict inside a training checkpoint: timm's choice, which never takes the EMA weights unasked."""
+    if not isinstance(obj, dict):
+        return obj, "the file's object", None
+    ema_key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), dict)), None)
+    weight_key = next((k for k in _WEIGHT_KEYS if isinstance(obj.get(k), dict)), None)
+    name = os.path.basename(path)
+    if use_ema:
+        if ema_key is None:
+            raise CheckpointError(
+                f"{name!r} has no EMA weights ({' or '.join(map(repr, _EMA_KEYS))}): convert without use_ema "
+                "(--use-ema)."
+            )
+        return obj[ema_key], repr(ema_key), ema_key
+    if weight_key is not None:
+        return obj[weight_key], repr(weight_key), ema_key
+    if ema_key is not None:
+        raise CheckpointError(
+            f"{name!r} holds only EMA weights ({ema_key!r}) and no 'state_dict': pass use_ema=True (--use-ema) "
+            "to convert them."
+        )
+    return obj, "the top-level state dict", None
 
 
 def to_timm_names(state):
@@ -170,9 +207,13 @@ def infer_config(shapes, variant=None, activation=None):
             )
     elif matched:
         variant = matched[0]
-    if activation is None:
-        activation = MODEL_CONFIGS[variant]["activation"] if variant else "gelu"
-    return dict(arch, activation=activation, variant=variant)
+    if activation is not None:
+        activation_from = "given"
+    elif variant:
+        activation, activation_from = MODEL_CONFIGS[variant]["activation"], "variant"
+    else:
+        activation, activation_from = "gelu", "default"
+    return dict(arch, activation=activation, variant=variant, activation_from=activation_from)
 
 
 def _variant_key(name):
@@ -259,21 +300,70 @@ def checkpoint_eval_preset(variant):
     return eval_preset(variant or next(iter(TIMM_NAMES)))
 
 
-def build_from_checkpoint(path, *, variant=None, activation=None, image_size=224):
-    """Read a checkpoint and return ``(model, arch)``; the model outputs logits."""
+def _check_stats(name, values):
+    """``mean``/``std`` as 3 fractions of 1 (timm's convention), or a one-line error naming the argument."""
+    try:
+        stats = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 3 numbers (R, G, B) as fractions of 1, got {values!r}.") from None
+    low = 0.0 if name == "mean" else np.nextafter(0.0, 1.0)
+    if len(stats) != 3 or not all(np.isfinite(v) and low <= v <= 1.0 for v in stats):
+        hint = " (fractions of 1 as timm writes them, not 0-255)" if any(abs(v) > 1 for v in stats) else ""
+        bound = "[0, 1]" if name == "mean" else "(0, 1]"
+        raise ValueError(f"{name} must be 3 numbers in {bound}{hint}, got {values!r}.")
+    return stats
+
+
+def preprocessing_for(variant, *, image_size=None, mean=None, std=None):
+    """What a converted checkpoint is fed and evaluated with: its variant's preset (timm's ConvMixer preset for
+    a shape that matches no variant), with ``image_size``/``mean``/``std`` overriding it when given. Returns a
+    dict of image_size, mean, std, crop_pct, interpolation and ``normalization_from`` ("preset" or "given")."""
+    preset = checkpoint_eval_preset(variant)
+    if image_size is None:
+        image_size = preset["image_size"] if variant else 224
+    elif isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"image_size must be a positive whole number, got {image_size!r}.")
+    given = mean is not None or std is not None
+    return dict(
+        image_size=int(image_size),
+        mean=_check_stats("mean", preset["mean"] if mean is None else mean),
+        std=_check_stats("std", preset["std"] if std is None else std),
+        crop_pct=preset["crop_pct"],
+        interpolation=preset["interpolation"],
+        normalization_from="given" if given else "preset",
+    )
+
+
+def build_from_checkpoint(path, *, variant=None, activation=None, image_size=None, mean=None, std=None, use_ema=False):
+    """Read a checkpoint and return ``(model, arch)``; the model outputs logits.
+
+    ``image_size`` defaults to the variant's size (32 for the CIFAR shapes, 224 otherwise), ``mean``/``std``
+    (fractions of 1) to the variant's normalisation. ``arch`` holds dim, depth, kernel_size, patch_size,
+    classes, activation and variant, and what was chosen around them: ``activation_from`` ("given",
+    "variant" or "default"), ``weights_from`` (which state dict of the file), ``ema_key`` (the file's EMA
+    entry, or None), and the preprocessing: image_size, mean, std, crop_pct, interpolation,
+    ``normalization_from``.
+    """
     from keras_convmixer.models import ConvMixer
 
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise ValueError(f"image_size must be a positive whole number, got {image_size!r}.")
-    image_size = int(image_size)
+    # The arguments are checked before a checkpoint of hundreds of MB is read.
+    if image_size is not None:
+        preprocessing_for(None, image_size=image_size)
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None:
+            _check_stats(name, values)
     # A full-size checkpoint takes tens of seconds to read, build and copy: say where the time goes.
     start = time.perf_counter()
-    state = read_checkpoint(path)
+    state, taken, ema_key = _read(path, use_ema)
     arch = infer_config(state, variant=variant, activation=activation)
+    prep = preprocessing_for(arch["variant"], image_size=image_size, mean=mean, std=std)
+    arch.update(prep, weights_from=taken, ema_key=ema_key)
+    image_size = prep["image_size"]
     logger.info(
-        "Read %d tensors (%.0f MB) from %s in %.1f s: ConvMixer-%d/%d, kernel %d, patch %d, %s, %d classes.",
+        "Read %d tensors (%.0f MB, %s) from %s in %.1f s: ConvMixer-%d/%d, kernel %d, patch %d, %s, %d classes.",
         len(state),
         sum(np.asarray(v).nbytes for v in state.values()) / 1e6,
+        taken,
         path,
         time.perf_counter() - start,
         arch["dim"],
@@ -285,7 +375,6 @@ def build_from_checkpoint(path, *, variant=None, activation=None, image_size=224
     )
     if image_size % arch["patch_size"]:
         raise ValueError(f"image_size {image_size} is not a multiple of the patch size {arch['patch_size']}.")
-    preset = checkpoint_eval_preset(arch["variant"])
     model = ConvMixer(
         arch["dim"],
         arch["depth"],
@@ -295,8 +384,9 @@ def build_from_checkpoint(path, *, variant=None, activation=None, image_size=224
         classes=arch["classes"],
         classifier_activation=None,
         input_shape=(image_size, image_size, 3),
-        mean=preset["mean"],
-        std=preset["std"],
+        mean=prep["mean"],
+        std=prep["std"],
+        default_size=image_size,
         name=arch["variant"] or "convmixer",
     )
     logger.info("Built the Keras model at %d px (%.1f s).", image_size, time.perf_counter() - start)
@@ -305,39 +395,72 @@ def build_from_checkpoint(path, *, variant=None, activation=None, image_size=224
     return model, arch
 
 
-def convert_checkpoint(path, output_dir, *, variant=None, activation=None, image_size=224, class_names=None):
+def _imagenet_names():
+    from keras_convmixer.imagenet import class_names
+
+    return list(class_names())
+
+
+def convert_checkpoint(
+    path,
+    output_dir,
+    *,
+    variant=None,
+    activation=None,
+    image_size=None,
+    mean=None,
+    std=None,
+    use_ema=False,
+    class_names=None,
+):
     """Convert a checkpoint into ``output_dir``.
 
     Writes ``model.weights.h5`` (loadable by the matching builder, e.g.
     ``ConvMixer1536_20(weights=...)``), ``model.keras`` (logits) and a
     ``config.json`` in the run-directory format so that export, evaluate and
-    predict accept ``output_dir`` directly. Returns the config dict.
+    predict accept ``output_dir`` directly. A 1000-class checkpoint without
+    ``class_names`` gets ImageNet-1k's. Returns the config dict, with the
+    choices made (``arch``) under ``"conversion"``.
     """
     if os.path.exists(os.path.join(output_dir, "config.json")):
         # It may be a training run: its best.keras would be paired with the converted config.
         raise ValueError(f"{output_dir} already holds a config.json (a run or a conversion): choose a new --output.")
-    model, arch = build_from_checkpoint(path, variant=variant, activation=activation, image_size=image_size)
-    if class_names is None:
-        class_names = [f"class_{i}" for i in range(arch["classes"])]
+    if class_names is not None:
+        class_names = list(class_names)
+    model, arch = build_from_checkpoint(
+        path, variant=variant, activation=activation, image_size=image_size, mean=mean, std=std, use_ema=use_ema
+    )
+    names_from = "given"
+    if class_names is None and arch["classes"] == 1000:
+        class_names, names_from = _imagenet_names(), "ImageNet-1k"
+    elif class_names is None:
+        class_names, names_from = [f"class_{i}" for i in range(arch["classes"])], "numbered"
     elif len(class_names) != arch["classes"]:
         raise ValueError(f"Got {len(class_names)} class names for a checkpoint with {arch['classes']} classes.")
     os.makedirs(output_dir, exist_ok=True)
     model.save_weights(os.path.join(output_dir, "model.weights.h5"))
     rundir.save_model(model, os.path.join(output_dir, "model.keras"))
     kwargs = {k: arch[k] for k in ("dim", "depth", "kernel_size", "patch_size", "activation")}
-    preset = checkpoint_eval_preset(arch["variant"])
     config = {
         "model": arch["variant"] or "custom",
         "model_kwargs": dict(kwargs, classes=arch["classes"]),
-        "image_size": image_size,
+        "image_size": arch["image_size"],
         "num_classes": arch["classes"],
-        "class_names": list(class_names),
-        "crop_pct": preset["crop_pct"],
-        "interpolation": preset["interpolation"],
-        "mean": list(preset["mean"]),
-        "std": list(preset["std"]),
+        "class_names": class_names,
+        "crop_pct": arch["crop_pct"],
+        "interpolation": arch["interpolation"],
+        "mean": list(arch["mean"]),
+        "std": list(arch["std"]),
         "data": None,
         "converted_from": os.path.abspath(os.fspath(path)),
+        "conversion": {
+            "weights_from": arch["weights_from"],
+            "use_ema": bool(use_ema),
+            "ema_in_file": arch["ema_key"],
+            "activation_from": arch["activation_from"],
+            "normalization_from": arch["normalization_from"],
+            "class_names_from": names_from,
+        },
     }
     rundir.write_json(os.path.join(output_dir, rundir.CONFIG), config)
     return config

@@ -213,7 +213,7 @@ def test_unknown_extension_and_missing_file(tmp_path):
 
 def test_compare_timm_script_on_a_timm_layout_stand_in(monkeypatch):
     """Runs benchmarks/compare_timm.py's comparison with our spec-written torch model standing in for timm, so
-    that it is checked where timm is not installed; where it is, the real-timm test below runs too."""
+    that it is checked where timm is not installed; where it is, tests/test_convert_timm.py runs real timm."""
     import types
 
     def create_model(name, pretrained=False):
@@ -225,18 +225,6 @@ def test_compare_timm_script_on_a_timm_layout_stand_in(monkeypatch):
     assert result["detected"] == dict(dim=256, depth=8, kernel_size=5, patch_size=2, classes=10, activation="gelu")
     assert result["max_abs_diff"] < 1e-4
     assert result["same_top1"]
-
-
-def test_a_real_timm_model_converts_exactly():
-    """timm's own ConvMixer-768/32 (the released ReLU one, 21M parameters). The other two timm variants take as
-    long again each on the CI's CPU: ``scripts/compare_timm.py`` checks them all."""
-    from tests.vision_reference import vision_or_skip
-
-    vision_or_skip()
-    # 56 x 56 (8 x 8 tokens) keeps it to seconds on a CPU; every weight is used at any size.
-    result = compare_timm.compare_one("convmixer_768_32", batch_size=1, image_size=56)
-    assert result["detected"]["activation"] == "relu"
-    assert result["max_abs_diff"] < 1e-3, result
 
 
 def test_conversion_refuses_a_directory_with_a_config(converted, tmp_path):
@@ -260,3 +248,156 @@ def test_converted_eval_transform_is_timms(timm_name):
     assert (preset["crop_pct"], preset["interpolation"]) == (cfg.crop_pct, cfg.interpolation)
     assert (tuple(preset["mean"]), tuple(preset["std"])) == (tuple(cfg.mean), tuple(cfg.std))
     assert preset["image_size"] == cfg.input_size[-1]
+
+
+# ---------------------------------------------------------------- CIFAR shapes, normalisation flags, EMA weights
+
+
+def _cifar_checkpoint(path, seed=0):
+    """A checkpoint shaped like convmixer_256_8 (what the CIFAR script trains). Its BatchNorm statistics come from a
+    train-mode pass: random ones leave a random-init model's logits blind to the input, and so to its
+    normalisation."""
+    torch.manual_seed(seed)
+    model = timm_convmixer(256, 8, 5, 2, 10, "gelu")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for module in norms:
+            module.momentum = None
+        model.train()
+        model(torch.randn(8, 3, 32, 32))
+        for module in norms:
+            module.running_var.clamp_(min=1e-2)
+    return _save_timm(model.eval(), path)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cifar")
+    ckpt = _cifar_checkpoint(tmp / "model.safetensors")
+    out = tmp / "out"
+    config = convert.convert_checkpoint(ckpt, out)
+    return dict(ckpt=ckpt, out=out, config=config)
+
+
+def test_a_cifar_checkpoint_loads_the_same_both_documented_ways(cifar):
+    from keras_convmixer.presets import CIFAR10_MEAN, CIFAR10_STD
+
+    config = json.loads((cifar["out"] / "config.json").read_text())
+    assert config["model"] == "convmixer_256_8"
+    assert (config["mean"], config["std"]) == (list(CIFAR10_MEAN), list(CIFAR10_STD))
+    assert (config["crop_pct"], config["image_size"]) == (1.0, 32)
+    images = _images(32, n=2, seed=3)
+    from_keras = keras.saving.load_model(cifar["out"] / "model.keras")
+    from_builder = kc.ConvMixer256_8(weights=str(cifar["out"] / "model.weights.h5"), classifier_activation=None)
+    expected = keras.ops.convert_to_numpy(from_keras(images, training=False))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(from_builder(images, training=False)), expected, atol=1e-5, rtol=0
+    )
+    # Both normalise with CIFAR's statistics: a model normalising with ImageNet's gives other logits.
+    imagenet_normalised = kc.ConvMixer(
+        256,
+        8,
+        5,
+        2,
+        classes=10,
+        input_shape=(32, 32, 3),
+        classifier_activation=None,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        weights=str(cifar["out"] / "model.weights.h5"),
+    )
+    assert np.abs(keras.ops.convert_to_numpy(imagenet_normalised(images, training=False)) - expected).max() > 1e-3
+
+
+def _cli(capsys, *argv):
+    from keras_convmixer.cli import convert as convert_cli
+
+    try:
+        code = convert_cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_image_size_defaults_to_the_variants_and_says_so(cifar, tmp_path, capsys):
+    code, out, _ = _cli(capsys, cifar["ckpt"], "--output", tmp_path / "out")
+    assert code == 0
+    assert "image size   32 (the variant's default)" in out
+    assert "ACTIVATION   GELU (inferred from the variant convmixer_256_8" in out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == 32
+
+
+def test_cli_mean_std_override_is_recorded_and_applied(cifar, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, _ = _cli(capsys, cifar["ckpt"], "--output", out_dir, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.5")
+    assert code == 0 and "(--mean/--std)" in out
+    config = json.loads((out_dir / "config.json").read_text())
+    assert (config["mean"], config["std"]) == ([0.5, 0.5, 0.5], [0.25, 0.25, 0.5])
+    assert config["conversion"]["normalization_from"] == "given"
+    # Applied: the saved model equals the builder given those statistics, not CIFAR's.
+    images = _images(32, n=2, seed=4)
+    got = keras.ops.convert_to_numpy(keras.saving.load_model(out_dir / "model.keras")(images, training=False))
+    given = kc.ConvMixer256_8(
+        weights=str(out_dir / "model.weights.h5"), classifier_activation=None, mean=(0.5,) * 3, std=(0.25, 0.25, 0.5)
+    )
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(given(images, training=False)), got, atol=1e-5, rtol=0)
+    default = keras.saving.load_model(cifar["out"] / "model.keras")
+    assert np.abs(keras.ops.convert_to_numpy(default(images, training=False)) - got).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--mean", "0.5,0.5", "expected 3 comma-separated numbers"),
+        ("--mean", "124,116,104", "not 0-255"),
+        ("--std", "a,b,c", "expected 3 comma-separated numbers"),
+        ("--std", "0,0.2,0.2", "std must be 3 numbers in (0, 1]"),
+    ],
+)
+def test_cli_bad_mean_std_is_one_line_and_exit_2(cifar, tmp_path, capsys, flag, value, message):
+    code, _, err = _cli(capsys, cifar["ckpt"], "--output", tmp_path / "out", flag, value)
+    assert code == 2
+    assert message in err and flag.lstrip("-") in err
+    # argparse's usage, then the one error line
+    assert err.strip().splitlines()[-1].startswith("__main__.py: error: argument " + flag) or message in err
+    assert sum("error" in line for line in err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _ema_pth(path):
+    """A training checkpoint holding different state_dict and state_dict_ema; returns their torch models."""
+    plain = timm_convmixer(*CONFIGS["gelu"][:6])
+    ema = timm_convmixer(*CONFIGS["gelu"][:6])
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.05)
+    torch.save({"epoch": 9, "state_dict": plain.state_dict(), "state_dict_ema": ema.state_dict()}, path)
+    return plain, ema
+
+
+def test_cli_takes_state_dict_by_default_and_the_ema_with_use_ema(tmp_path, capsys):
+    size = CONFIGS["gelu"][-1]
+    plain, ema = _ema_pth(tmp_path / "train.pth.tar")
+    images = _images(size, n=2, seed=5)
+    for flags, reference, taken in (([], plain, "'state_dict'"), (["--use-ema"], ema, "'state_dict_ema'")):
+        out_dir = tmp_path / ("ema" if flags else "plain")
+        code, out, _ = _cli(capsys, tmp_path / "train.pth.tar", "--output", out_dir, "--image-size", size, *flags)
+        assert code == 0
+        assert f"weights      {taken}" in out
+        model = keras.saving.load_model(out_dir / "model.keras")
+        got = keras.ops.convert_to_numpy(model(images, training=False))
+        np.testing.assert_allclose(got, torch_logits(reference, images), atol=1e-4, rtol=1e-4)
+        assert json.loads((out_dir / "config.json").read_text())["conversion"]["use_ema"] == bool(flags)
+    assert "--use-ema takes them" in _cli(capsys, tmp_path / "train.pth.tar", "--output", tmp_path / "x")[1]
+
+
+def test_use_ema_on_a_file_without_ema_is_one_line(converted, tmp_path, capsys):
+    pth = tmp_path / "plain.pth"
+    torch.save({"state_dict": converted["reference"].state_dict()}, pth)
+    with pytest.raises(convert.CheckpointError, match="has no EMA weights"):
+        convert.read_checkpoint(pth, use_ema=True)
+    for path in (pth, converted["ckpt"]):
+        code, _, err = _cli(capsys, path, "--output", tmp_path / "out", "--use-ema")
+        assert code == 2 and "EMA" in err
+        assert len(err.strip().splitlines()) == 1
