@@ -92,7 +92,14 @@ BASE = dict(
     patch_size=None,
     activation="gelu",
     initializer="torch",
+    weights=None,
+    freeze_backbone=False,
+    backbone_lr_scale=1.0,
 )
+
+# What a run started from pretrained weights takes from them unless the command line or the config
+# file sets it: the normalisation and the eval transform the weights were trained and measured with.
+WEIGHTS_META_KEYS = ("mean", "std", "crop_pct", "interpolation", "image_size")
 
 # imagenet: the paper's timm command; cifar10: the official CIFAR script's 25-epoch setting.
 RECIPES = {
@@ -221,6 +228,8 @@ def resolve_config(recipe=DEFAULT_RECIPE, overrides=None):
         if key not in cfg:
             raise ValueError(f"Unknown config key {key!r}.")
         cfg[key] = value
+    # Recorded so that training (which reads the weights' metadata) knows what it may replace.
+    cfg["from_weights"] = [k for k in WEIGHTS_META_KEYS if k not in given] if cfg["weights"] else []
     if cfg["model"] != "custom":
         cfg["model"] = canonical_name(cfg["model"])  # one-line ValueError naming the choices
         architecture = [k for k in ARCHITECTURE_KEYS if k in given]
@@ -231,6 +240,9 @@ def resolve_config(recipe=DEFAULT_RECIPE, overrides=None):
             )
         for key in ARCHITECTURE_KEYS:
             cfg[key] = MODEL_CONFIGS[cfg["model"]][key]
+    if cfg["weights"] == "imagenet" and cfg["model"] in pretrained_table():
+        # The published models' metadata is known without loading them; checked with the rest below.
+        apply_weights_meta(cfg, pretrained_meta(cfg["model"]), check=False)
     check_config(cfg)
     cfg["crop_scale"], cfg["crop_ratio"] = list(cfg["crop_scale"]), list(cfg["crop_ratio"])
     if cfg["mean"] is None:  # the model's own normalisation (ImageNet's for a custom model)
@@ -240,6 +252,41 @@ def resolve_config(recipe=DEFAULT_RECIPE, overrides=None):
     cfg["model_kwargs"] = model_kwargs(cfg)
     if cfg["output_dir"] is None:
         cfg["output_dir"] = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def pretrained_table():
+    """``presets.PRETRAINED``: the released weights of the named variants (empty where unknown)."""
+    from keras_convmixer import presets
+
+    return getattr(presets, "PRETRAINED", {})
+
+
+def pretrained_meta(model):
+    """The normalisation and eval transform of ``model``'s ImageNet weights (``--weights imagenet``)."""
+    row = pretrained_table()[model]
+    return {k: row.get(k) for k in WEIGHTS_META_KEYS}
+
+
+def apply_weights_meta(cfg, meta, check=True):
+    """Set the settings listed in ``cfg["from_weights"]`` to the pretrained weights' ``meta`` (a dict
+    with some of ``WEIGHTS_META_KEYS``; None values are skipped), then check ``cfg`` again: a size
+    taken from the weights must still fit the patch size. Returns ``cfg``, changed in place."""
+    for key in cfg.get("from_weights") or ():
+        value = (meta or {}).get(key)
+        if value is None:
+            continue
+        if key in ("mean", "std"):
+            value = [float(v) for v in value]
+        elif key == "crop_pct":
+            value = float(value)
+        elif key == "image_size":
+            value = int(value[0] if isinstance(value, (list, tuple)) else value)
+        cfg[key] = value
+    if check:
+        check_config(cfg)
+    if "model_kwargs" in cfg:
+        cfg["model_kwargs"] = model_kwargs(cfg)
     return cfg
 
 
@@ -306,6 +353,7 @@ _RANGES = dict(
     logical_cpus=(1, math.inf, True, False),
     steps_per_epoch=(1, math.inf, True, False),
     val_steps=(1, math.inf, True, False),
+    backbone_lr_scale=(0, 1, False, True),
     seed=(0, math.inf, True, False),
     split_seed=(0, math.inf, True, False),
 )
@@ -390,6 +438,7 @@ def check_config(cfg):
         raise ValueError("--num-processes > 1 needs KERAS_BACKEND=jax --strategy data-parallel.")
     if cfg["augment_impl"] == "keras_cv" and cfg["augment_on"] != "host":
         raise ValueError("--augment-impl keras_cv runs only in the tf.data map: use --augment-on host.")
+    _check_finetuning(cfg)
     if cfg["in_memory"] and cfg["augment_on"] != "device":
         raise ValueError("--in-memory feeds arrays without tf.data: it needs --augment-on device.")
     if int(cfg["num_processes"]) > 1 and not cfg["in_memory"]:
@@ -404,3 +453,33 @@ def check_config(cfg):
         raise ValueError(f"Data folder {arg!r} is a file, not a directory of class folders.")
     if kind == "folder" and not os.path.isdir(os.path.expanduser(arg)):
         raise FileNotFoundError(f"Data folder {arg!r} does not exist.")
+
+
+def _check_finetuning(cfg):
+    weights = cfg["weights"]
+    if weights is not None and (not isinstance(weights, str) or not weights.strip()):
+        raise ValueError(f"--weights must be imagenet, hf://<owner>/<repo> or a path, got {weights!r}.")
+    if weights == "imagenet":
+        released = sorted(pretrained_table())
+        if cfg["model"] not in released:
+            choices = ", ".join(released) if released else "none are registered"
+            raise ValueError(
+                f"--weights imagenet needs --model with released ImageNet weights ({choices}), "
+                f"not {cfg['model']}: pass one of them, or a checkpoint path / hf://<owner>/<repo>."
+            )
+    elif weights is not None and weights.startswith("hf://"):
+        if not weights[len("hf://") :].strip("/"):
+            raise ValueError(f"--weights {weights} names no repository: use hf://<owner>/<repo>[@<revision>].")
+    elif weights is not None and not os.path.exists(os.path.expanduser(weights)):
+        # Checked here, before Keras loads, so that a mistyped path answers at once.
+        raise FileNotFoundError(
+            f"--weights {weights} does not exist: pass imagenet, hf://<owner>/<repo> or the path of a checkpoint, "
+            ".keras file or run directory."
+        )
+    if not isinstance(cfg["freeze_backbone"], bool):
+        raise ValueError(f"--freeze-backbone must be true or false, got {cfg['freeze_backbone']!r}.")
+    if cfg["freeze_backbone"] and cfg["backbone_lr_scale"] != 1:
+        raise ValueError(
+            f"--backbone-lr-scale {cfg['backbone_lr_scale']} has no effect with --freeze-backbone, "
+            "which does not train the backbone: drop one of them."
+        )

@@ -7,6 +7,7 @@ tf.data sources and TensorFlow strategies.
 """
 
 import os
+import re
 import time
 import warnings
 
@@ -15,9 +16,9 @@ import numpy as np
 from keras import ops
 
 from keras_convmixer import augment as aug
-from keras_convmixer import callbacks, data, distribute, rundir
+from keras_convmixer import callbacks, data, distribute, recipes, rundir
 from keras_convmixer.models import ConvMixer, get_model
-from keras_convmixer.recipes import describe_model
+from keras_convmixer.recipes import apply_weights_meta, describe_model
 from keras_convmixer.schedules import OneCycle, cosine_with_warmup, learning_rate_curve
 
 
@@ -27,6 +28,52 @@ def build_model(cfg):
     if cfg["model"] == "custom":
         return ConvMixer(**kwargs, name="convmixer")
     return get_model(cfg["model"], **kwargs)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+_BACKBONE_LAYER = re.compile(r"^(stem|block_\d+)$")
+
+
+def _variant(cfg):
+    return None if cfg["model"] == "custom" else cfg["model"]
+
+
+def weights_source(weights):
+    """The ``--weights`` spec of a config's ``weights`` setting: the spec itself, or the ``source`` of
+    the record a started run's config.json holds in its place."""
+    return weights.get("source") if isinstance(weights, dict) else weights
+
+
+def follow_weights(cfg):
+    """Set the settings that follow the pretrained weights (``cfg["from_weights"]``) to their metadata.
+    Reads the weights (downloading or converting them once; later calls hit the cache)."""
+    from keras_convmixer.pretrained import resolve_weights
+
+    resolved = resolve_weights(weights_source(cfg["weights"]), variant=_variant(cfg))
+    apply_weights_meta(cfg, resolved.meta)
+    return resolved
+
+
+def load_backbone(classifier, cfg):
+    """Copy the pretrained weights of ``cfg["weights"]`` into ``classifier`` (the head too when its class
+    count agrees); returns the record config.json keeps: ``{source, sha256, head_loaded}``."""
+    from keras_convmixer.pretrained import load_pretrained
+
+    source = weights_source(cfg["weights"])
+    report = load_pretrained(classifier, source, variant=_variant(cfg), load_head="auto")
+    return dict(source=source, sha256=report["sha256"], head_loaded=bool(report["head_loaded"]))
+
+
+def freeze_backbone(classifier):
+    """Make the stem and every block non-trainable (a linear probe): their weights stay as they are and
+    their BatchNorm layers normalise with the moving statistics, also in training."""
+    frozen = [layer for layer in classifier.layers if _BACKBONE_LAYER.match(layer.name)]
+    if not frozen:
+        raise ValueError(f"--freeze-backbone: {classifier.name} has no stem or block_<i> layers to freeze.")
+    for layer in frozen:
+        layer.trainable = False
+    return frozen
 
 
 # ----------------------------------------------------------------------------- device augmentation model
@@ -208,15 +255,20 @@ def train(config):
         run.unlock()
 
 
-def _compile(cfg, total_steps, steps_per_epoch):
+def _compile(cfg, total_steps, steps_per_epoch, load_weights=False):
     """``(classifier, model, schedule)``: the model that ``fit`` trains wraps the classifier when the
-    augmentation runs on the device. Call inside the strategy's scope."""
+    augmentation runs on the device. With ``load_weights`` the classifier starts from ``cfg["weights"]``,
+    whose record replaces that setting in ``cfg``. Call inside the strategy's scope."""
     device = cfg["augment_on"] == "device"
     if device:  # augmentation layers stay float32 whatever the policy
         augment = aug.DeviceAugment(cfg, crop=bool(cfg["in_memory"]), name="device_augment")
         mix = aug.make_batch_mix(cfg, cfg["num_classes"], host=False)
     cfg["precision_used"] = distribute.set_precision(cfg)
     classifier = build_model(cfg)
+    if load_weights:
+        cfg["weights"] = load_backbone(classifier, cfg)
+    if cfg["freeze_backbone"]:
+        freeze_backbone(classifier)
     model = classifier
     if device:
         model = AugmentedClassifier(classifier, augment, mix, cfg["num_classes"])
@@ -231,12 +283,18 @@ def _compile(cfg, total_steps, steps_per_epoch):
         schedule = OneCycle(lr, total_steps, steps_per_epoch=steps_per_epoch)
     else:
         schedule = cosine_with_warmup(lr, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch))
-    optimizer = keras.optimizers.AdamW(
+    adamw = dict(
         learning_rate=schedule,
         weight_decay=float(cfg["weight_decay"]),
         epsilon=float(cfg["epsilon"]),
         global_clipnorm=cfg["clip_norm"] or None,
     )
+    if float(cfg["backbone_lr_scale"]) != 1.0:
+        from keras_convmixer.optim import BACKBONE_VARIABLES, GroupedAdamW
+
+        optimizer = GroupedAdamW(**adamw, lr_scale=float(cfg["backbone_lr_scale"]), scaled_variables=BACKBONE_VARIABLES)
+    else:
+        optimizer = keras.optimizers.AdamW(**adamw)
     if cfg["wd_exclude_bias_bn"]:
         # Matches Keras variable names: every bias, and BN's gamma/beta (timm: all 1-D params).
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
@@ -254,8 +312,25 @@ def _compile(cfg, total_steps, steps_per_epoch):
 def _train_locked(cfg, run, t_start):
     run_dir = run.path
     saved = run.read_config()
+    # A run with committed epochs resumes from its own checkpoint; pretrained weights only start one.
+    start_from_weights = bool(cfg["weights"]) and not run.history()
     if saved is not None:
-        rundir.check_resumable(saved, dict(cfg, backend=keras.backend.backend()), _RESUME_MAY_CHANGE, run_dir)
+        # Another --weights is another run, named first (the settings that follow the weights differ too).
+        rundir.check_resumable(
+            {"weights": weights_source(saved.get("weights"))}, {"weights": cfg["weights"]}, (), run_dir
+        )
+        if cfg["weights"]:
+            # What the weights' metadata set when the run began (no need to read the weights again).
+            for key in set(cfg["from_weights"]) & set(saved.get("from_weights") or ()):
+                cfg[key] = saved[key]
+            cfg["model_kwargs"] = recipes.model_kwargs(cfg)
+            if not start_from_weights:
+                cfg["weights"] = saved["weights"]
+        current = dict(cfg, backend=keras.backend.backend(), weights=weights_source(cfg["weights"]))
+        recorded = dict(saved, weights=weights_source(saved.get("weights")))
+        rundir.check_resumable(recorded, current, _RESUME_MAY_CHANGE, run_dir)
+    if start_from_weights:
+        follow_weights(cfg)
     scope, strategy_name, replicas = distribute.make_strategy(cfg)
     train_data, val_data, fit_kwargs, info = _prepare_data(cfg)
     if info["num_train"] == 0 or info["steps_per_epoch"] == 0:
@@ -270,7 +345,7 @@ def _train_locked(cfg, run, t_start):
     previous_policy = keras.mixed_precision.global_policy()
     try:
         with scope:
-            classifier, model, schedule = _compile(cfg, total_steps, steps)
+            classifier, model, schedule = _compile(cfg, total_steps, steps, load_weights=start_from_weights)
         run.write_config(cfg)
 
         guard = callbacks.FiniteGuard()
@@ -285,9 +360,11 @@ def _train_locked(cfg, run, t_start):
             *callbacks.tensorboard_logs(run_dir),
         ]
         unreadable = len(info["unreadable"])
+        start = _start_note(cfg, start_from_weights)
         print(
-            f"Training {describe_model(cfg)} on {cfg['data']}: {info['num_train']} train / {info['num_val']} val "
-            f"images, {len(info['class_names'])} classes, {cfg['epochs']} epochs x {steps} steps, "
+            f"Training {describe_model(cfg)}{start} on {cfg['data']}: {info['num_train']} train / "
+            f"{info['num_val']} val images, {len(info['class_names'])} classes, "
+            f"{cfg['epochs']} epochs x {steps} steps, "
             f"batch {cfg['batch_size']}, strategy {strategy_name} ({_count(replicas, 'replica')}), "
             f"{cfg['precision_used']}, augment on {cfg['augment_on']}; run dir {run_dir}"
             + (f"; left out {_count(unreadable, 'unreadable file')}" if unreadable else "")
@@ -342,6 +419,21 @@ def _train_locked(cfg, run, t_start):
         f"{metrics['images_per_sec'] or 0:.0f} img/s, {metrics['params']:,} params -> {run_dir}"
     )
     return metrics
+
+
+def _start_note(cfg, loaded):
+    """Where the weights come from and what trains, for the banner; empty for a plain run."""
+    parts = []
+    record = cfg["weights"]
+    if record:
+        how = "loaded" if loaded else "resumed from the run's checkpoint"
+        head = "head loaded" if record.get("head_loaded") else "new head"
+        parts.append(f"from {record['source']} ({how}, {head})")
+    if cfg["freeze_backbone"]:
+        parts.append("backbone frozen")
+    if float(cfg["backbone_lr_scale"]) != 1.0:
+        parts.append(f"backbone lr x{float(cfg['backbone_lr_scale']):g}")
+    return f" {', '.join(parts)}" if parts else ""
 
 
 def _count(n, noun):

@@ -149,3 +149,61 @@ def test_multi_process_needs_jax_and_in_memory_data():
 def test_a_missing_data_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="Data folder '.*missing' does not exist."):
         recipes.resolve_config("demo", {"data": f"folder:{tmp_path / 'missing'}"})
+
+
+# ----------------------------------------------------------------------------- fine-tuning settings
+
+
+def test_fine_tuning_defaults_and_checks():
+    cfg = recipes.resolve_config("demo")
+    assert (cfg["weights"], cfg["freeze_backbone"], cfg["backbone_lr_scale"], cfg["from_weights"]) == (
+        None,
+        False,
+        1.0,
+        [],
+    )
+    for value in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^--backbone-lr-scale {value} is out of range: it must be in \(0, 1\]"):
+            recipes.resolve_config("demo", {"backbone_lr_scale": value})
+    with pytest.raises(ValueError, match="^--backbone-lr-scale 0.5 has no effect with --freeze-backbone"):
+        recipes.resolve_config("demo", {"backbone_lr_scale": 0.5, "freeze_backbone": True})
+    with pytest.raises(ValueError, match="^--weights imagenet needs --model with released ImageNet weights"):
+        recipes.resolve_config("demo", {"weights": "imagenet"})  # the demo's custom model has none
+    with pytest.raises(ValueError, match="^--weights hf:// names no repository"):
+        recipes.resolve_config("demo", {"weights": "hf://"})
+
+
+def test_settings_follow_the_weights_unless_given():
+    # A path's metadata is read at training time; resolve_config records what may follow it.
+    cfg = recipes.resolve_config("demo", {"weights": "some/run", "crop_pct": 0.9})
+    assert cfg["from_weights"] == ["mean", "std", "interpolation", "image_size"]
+    recipes.apply_weights_meta(
+        cfg, dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.8, interpolation="bicubic", image_size=32)
+    )
+    assert (cfg["mean"], cfg["std"], cfg["crop_pct"], cfg["interpolation"], cfg["image_size"]) == (
+        [0.5] * 3,
+        [0.25] * 3,
+        0.9,  # given, so kept
+        "bicubic",
+        32,
+    )
+    assert cfg["model_kwargs"]["input_shape"] == [32, 32, 3] and cfg["model_kwargs"]["mean"] == [0.5] * 3
+    # A size from the weights must still fit the patch size (4 for the demo).
+    with pytest.raises(ValueError, match="^--image-size 30 is not divisible by the patch size 4"):
+        recipes.apply_weights_meta(cfg, {"image_size": 30})
+
+
+def test_imagenet_weights_set_the_published_eval_transform():
+    table = recipes.pretrained_table()
+    if "convmixer_768_32" not in table:
+        pytest.skip("presets.PRETRAINED is not there yet")
+    row = table["convmixer_768_32"]
+    cfg = recipes.resolve_config("cifar10", {"weights": "imagenet", "model": "convmixer_768_32"})
+    assert (cfg["image_size"], cfg["crop_pct"], cfg["interpolation"]) == (
+        row["image_size"],
+        row["crop_pct"],
+        row["interpolation"],
+    )
+    assert cfg["mean"] == list(row["mean"]) and cfg["std"] == list(row["std"])  # not the recipe's CIFAR ones
+    given = recipes.resolve_config("cifar10", {"weights": "imagenet", "model": "convmixer_768_32", "image_size": 112})
+    assert given["image_size"] == 112 and given["model_kwargs"]["input_shape"] == [112, 112, 3]

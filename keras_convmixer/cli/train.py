@@ -118,6 +118,29 @@ def build_parser():
         help="torch: PyTorch's default init, as the paper's models; keras: Keras's defaults",
     )
 
+    add = _adder(p.add_argument_group("fine-tuning"))
+    add(
+        "--weights",
+        metavar="imagenet|hf://OWNER/REPO[@REV]|PATH",
+        help="start a new run from pretrained weights (never reloaded on resume): imagenet (the released "
+        "weights of --model), a timm-format Hub repo, or a local checkpoint (.safetensors/.pth/.pth.tar), "
+        ".keras model or run directory; the head is loaded when its class count matches the data's, else "
+        "new; mean/std, --crop-pct, --interpolation and --image-size follow the weights unless given "
+        "(any --image-size that is a multiple of the patch size works: ConvMixer is fully convolutional)",
+    )
+    add(
+        "--freeze-backbone",
+        **bool_flag,
+        help="linear probe: train only the head; the stem and blocks keep their weights and their "
+        "BatchNorm layers run in inference mode",
+    )
+    add(
+        "--backbone-lr-scale",
+        type=float,
+        help="the stem and blocks step with lr x this in (0, 1], Adam step and weight decay alike "
+        "(a PyTorch parameter group with a lower lr); the head keeps --lr",
+    )
+
     add = _adder(p.add_argument_group("data"))
     add("--data", help="digits | folder:<path> (a sub-folder per class) | tfds:<name>")
     add("--data-dir", help="TFDS data directory")
