@@ -156,6 +156,10 @@ def _resolve_pretrained(spec, dim, depth, kernel_size, patch_size, activation, i
         variant = pretrained.variant_for_arch(dim, depth, kernel_size, patch_size)
         if variant is None:
             pretrained.imagenet_variant(_variant_named(name))  # raises, naming the variants that have weights
+            raise ValueError(
+                f"weights='imagenet': this architecture (dim {dim}, depth {depth}, kernel {kernel_size}, patch "
+                f"{patch_size}) is none of the released ones ({', '.join(pretrained.pretrained_variants())})."
+            )
         trained = MODEL_CONFIGS[variant]["activation"]
         if activation != trained:
             raise ValueError(

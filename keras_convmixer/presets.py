@@ -92,24 +92,26 @@ def eval_preset(name):
 
 
 # The released ImageNet-1k weights, like timm's ``pretrained_cfg``: where ``weights="imagenet"`` downloads each
-# variant's from, and how its published top-1 (timm's results table, 224 px) was measured.
-def _pretrained(hub_id, top1):
+# variant's from and its published top-1 (timm's results table, 224 px). How they are evaluated (size, crop,
+# interpolation, normalisation) is the variant's row above: one definition, which these rows repeat for readers.
+def _pretrained(key, hub_id, top1):
+    row = MODEL_CONFIGS[key]
     return dict(
         hub_id=hub_id,
         filename="model.safetensors",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        crop_pct=0.96,
-        interpolation="bicubic",
-        image_size=224,
-        classes=1000,
+        mean=row["mean"],
+        std=row["std"],
+        crop_pct=row["crop_pct"],
+        interpolation=row["interpolation"],
+        image_size=row["default_size"],
+        classes=row["classes"],
         top1=top1,
         license="mit",
     )
 
 
 PRETRAINED = {
-    "convmixer_1536_20": _pretrained("timm/convmixer_1536_20.in1k", 81.37),
-    "convmixer_768_32": _pretrained("timm/convmixer_768_32.in1k", 80.16),
-    "convmixer_1024_20": _pretrained("timm/convmixer_1024_20_ks9_p14.in1k", 76.94),
+    "convmixer_1536_20": _pretrained("convmixer_1536_20", "timm/convmixer_1536_20.in1k", 81.37),
+    "convmixer_768_32": _pretrained("convmixer_768_32", "timm/convmixer_768_32.in1k", 80.16),
+    "convmixer_1024_20": _pretrained("convmixer_1024_20", "timm/convmixer_1024_20_ks9_p14.in1k", 76.94),
 }

@@ -130,12 +130,16 @@ def _by_hand(repo, revision, filename):
 
 
 def _resolve_hub(source, repo, revision, filename, variant):
-    key = f"{_HF_PREFIX}{repo}@{revision or 'main'}/{filename}"
+    from huggingface_hub import constants
+
+    # The endpoint is part of the key: a mirror's repo of the same name is another file. A revision is pinned
+    # to its first download (the released weights never change); name a commit, or clear the cache, for newer.
+    key = f"{_HF_PREFIX}{repo}@{revision or 'main'}/{filename} at {constants.ENDPOINT}"
     cached = _cached(source, key)
     if cached is not None:
         return cached
 
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     where = f"{filename} of {repo}" + (f"@{revision}" if revision else "")
@@ -158,7 +162,9 @@ def _resolve_hub(source, repo, revision, filename, variant):
     blob = os.path.realpath(local)
     if not _is_sha256(advertised) and _is_sha256(os.path.basename(blob)):
         advertised = os.path.basename(blob)  # offline: the HF cache names an LFS blob after its sha256
-    if _is_sha256(advertised) and sha != advertised:
+    if not _is_sha256(advertised):
+        logger.warning("%s: the Hub advertised no sha256 for it, so the download is not checked.", where)
+    elif sha != advertised:
         # Remove the pointer and the blob so that neither this nor huggingface_hub's next call uses the file.
         for path in {local, blob}:
             with contextlib.suppress(OSError):
@@ -209,6 +215,7 @@ def _preset_meta(variant):
 
 
 def _resolve_local(path):
+    path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"Weights {path!r} do not exist: pass 'imagenet', 'hf://owner/repo' or the path of a checkpoint, "
@@ -324,12 +331,15 @@ def _cached(source, key):
     path = os.path.join(cache_dir(), str(entry.get("file")))
     if not os.path.isfile(path) or not _is_sha256(entry.get("sha256")):
         return None
-    meta = dict(entry["meta"])
+    try:
+        meta = dict(entry["meta"])
+        arch = {k: entry["arch"][k] for k in (*_ARCH_KEYS, "activation", "classes")}
+    except (KeyError, TypeError, ValueError):  # a damaged entry only costs a new conversion
+        return None
     if meta.get("class_names") == _IMAGENET_CLASSES:
         from keras_convmixer.imagenet import class_names
 
         meta["class_names"] = class_names()
-    arch = {k: entry["arch"][k] for k in (*_ARCH_KEYS, "activation", "classes")}
     return PretrainedWeights(os.fspath(source), entry["sha256"], path, arch, entry.get("variant"), meta)
 
 
@@ -435,11 +445,10 @@ def load_resolved(model, weights, *, load_head="auto"):
     arch = model_arch(model)
     check_architecture(weights, arch, model.name)
     if arch["activation"] != weights.arch["activation"]:
-        logger.warning(
-            "Weights %r were trained with %s but the model uses %s.",
-            weights.source,
-            weights.arch["activation"],
-            arch["activation"],
+        # The same tensors under another activation compute another function: refuse, as weights="imagenet" does.
+        raise ValueError(
+            f"Weights {weights.source!r} were trained with activation={weights.arch['activation']!r} but the model "
+            f"uses {arch['activation']!r}: build it with activation={weights.arch['activation']!r}."
         )
     fits = arch["classes"] is not None and arch["classes"] == weights.arch["classes"]
     if load_head is True and not fits:

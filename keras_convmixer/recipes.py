@@ -470,12 +470,6 @@ def _check_finetuning(cfg):
     elif weights is not None and weights.startswith("hf://"):
         if not weights[len("hf://") :].strip("/"):
             raise ValueError(f"--weights {weights} names no repository: use hf://<owner>/<repo>[@<revision>].")
-    elif weights is not None and not os.path.exists(os.path.expanduser(weights)):
-        # Checked here, before Keras loads, so that a mistyped path answers at once.
-        raise FileNotFoundError(
-            f"--weights {weights} does not exist: pass imagenet, hf://<owner>/<repo> or the path of a checkpoint, "
-            ".keras file or run directory."
-        )
     if not isinstance(cfg["freeze_backbone"], bool):
         raise ValueError(f"--freeze-backbone must be true or false, got {cfg['freeze_backbone']!r}.")
     if cfg["freeze_backbone"] and cfg["backbone_lr_scale"] != 1:

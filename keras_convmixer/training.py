@@ -56,12 +56,17 @@ def follow_weights(cfg):
 
 
 def load_backbone(classifier, cfg):
-    """Copy the pretrained weights of ``cfg["weights"]`` into ``classifier`` (the head too when its class
-    count agrees); returns the record config.json keeps: ``{source, sha256, head_loaded}``."""
-    from keras_convmixer.pretrained import load_pretrained
+    """Copy the pretrained weights of ``cfg["weights"]`` into ``classifier`` (the head too when its classes
+    agree: the same count, and the same names where both sides name them); returns the record config.json
+    keeps: ``{source, sha256, head_loaded}``."""
+    from keras_convmixer.pretrained import load_resolved, resolve_weights
 
     source = weights_source(cfg["weights"])
-    report = load_pretrained(classifier, source, variant=_variant(cfg), load_head="auto")
+    resolved = resolve_weights(source, variant=_variant(cfg))
+    # The same count of differently named classes (digits 0-4, then 5-9) is a new task: its head starts afresh.
+    known = resolved.meta.get("class_names")
+    same_classes = not known or not cfg.get("class_names") or list(known) == list(cfg["class_names"])
+    report = load_resolved(classifier, resolved, load_head="auto" if same_classes else False)
     return dict(source=source, sha256=report["sha256"], head_loaded=bool(report["head_loaded"]))
 
 

@@ -141,7 +141,7 @@ def test_verbose_is_one_line_per_epoch_when_stdout_is_not_a_terminal():
         (["--model", "convmixer_9_9"], "Unknown model"),
         (["--image-size", "30"], "not divisible by the patch size"),
         (["--data", "folder:/no/such/folder"], "does not exist"),
-    (["--weights", "/no/such/model.safetensors"], "--weights /no/such/model.safetensors does not exist"),
+    (["--weights", "/no/such/model.safetensors"], "Weights '/no/such/model.safetensors' do not exist"),
     (["--backbone-lr-scale", "2"], "--backbone-lr-scale 2.0 is out of range: it must be in (0, 1]"),
         (["--data", f"folder:{os.path.abspath(__file__)}"], "is a file, not a directory of class folders"),
         (["--strategy", "mirrored" if BACKEND != "tensorflow" else "data-parallel"], "needs KERAS_BACKEND="),

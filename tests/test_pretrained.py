@@ -168,7 +168,9 @@ def test_imagenet_downloads_converts_and_matches_timm(imagenet_download, checkpo
     sha = hashlib.sha256(checkpoints["released"]).hexdigest()
     cache = homes[1] / "models" / "convmixer"
     assert (cache / f"convmixer_768_32-{sha[:16]}.weights.h5").is_file()
-    entry = json.loads((cache / "index.json").read_text())["entries"][f"hf://{RELEASED_REPO}@main/model.safetensors"]
+    entries = json.loads((cache / "index.json").read_text())["entries"]
+    # Keyed by repo, revision, file and the endpoint it came from (a mirror's repo of the same name is another file).
+    (entry,) = [e for k, e in entries.items() if k.startswith(f"hf://{RELEASED_REPO}@main/model.safetensors at http")]
     assert entry["sha256"] == sha and entry["arch"]["activation"] == "relu" and entry["arch"]["classes"] == 1000
 
 
@@ -287,6 +289,9 @@ def test_local_checkpoint_path_and_a_new_head(tmp_path, monkeypatch, checkpoints
         np.testing.assert_array_equal(before, to_numpy(after))
     with pytest.raises(ValueError, match=r"Cannot load the head .* 5 classes but the model has 3"):
         kc.load_pretrained(fresh, str(path), load_head=True)
+    # The same tensors under another activation compute another function.
+    with pytest.raises(ValueError, match=r"trained with activation='gelu' but the model uses 'relu'"):
+        kc.load_pretrained(kc.ConvMixer(**TINY, classes=3, activation="relu"), str(path))
 
 
 def test_architecture_mismatch_names_both(online):
@@ -310,8 +315,12 @@ def test_architecture_mismatch_names_both(online):
         (lambda: kc.ConvMixer(8, 1, 3, 2, weights="hf://no-slash"), r"is not 'hf://owner/repo'"),
         (lambda: kc.ConvMixer(8, 1, 3, 2, weights=3), r"weights must be None, 'imagenet'"),
         (lambda: kc.load_pretrained(kc.ConvMixer(8, 1, 3, 2), "imagenet", load_head="yes"), r"load_head must be"),
+        (
+            lambda: kc.ConvMixer(16, 2, 3, 2, name="convmixer_768_32", weights="imagenet"),
+            r"this architecture \(dim 16, depth 2, kernel 3, patch 2\) is none of the released ones",
+        ),
     ],
-    ids=["classes", "variant", "activation", "hf-spec", "type", "load-head"],
+    ids=["classes", "variant", "activation", "hf-spec", "type", "load-head", "named-like-a-release"],
 )
 def test_argument_mistakes_are_one_line_before_any_download(call, match, monkeypatch, tmp_path):
     dead = HubServer()
