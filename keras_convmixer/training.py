@@ -7,7 +7,6 @@ tf.data sources and TensorFlow strategies.
 """
 
 import os
-import re
 import time
 import warnings
 
@@ -17,69 +16,9 @@ from keras import ops
 
 from keras_convmixer import augment as aug
 from keras_convmixer import callbacks, data, distribute, recipes, rundir
-from keras_convmixer.models import ConvMixer, get_model
-from keras_convmixer.recipes import apply_weights_meta, describe_model
+from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone, weights_source
+from keras_convmixer.recipes import describe_model
 from keras_convmixer.schedules import OneCycle, cosine_with_warmup, learning_rate_curve
-
-
-def build_model(cfg):
-    """The classifier (logits out, raw [0, 255] pixels in) described by ``cfg``."""
-    kwargs = dict(cfg["model_kwargs"], classes=cfg["num_classes"])
-    if cfg["model"] == "custom":
-        return ConvMixer(**kwargs, name="convmixer")
-    return get_model(cfg["model"], **kwargs)
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-
-_BACKBONE_LAYER = re.compile(r"^(stem|block_\d+)$")
-
-
-def _variant(cfg):
-    return None if cfg["model"] == "custom" else cfg["model"]
-
-
-def weights_source(weights):
-    """The ``--weights`` spec of a config's ``weights`` setting: the spec itself, or the ``source`` of
-    the record a started run's config.json holds in its place."""
-    return weights.get("source") if isinstance(weights, dict) else weights
-
-
-def follow_weights(cfg):
-    """Set the settings that follow the pretrained weights (``cfg["from_weights"]``) to their metadata.
-    Reads the weights (downloading or converting them once; later calls hit the cache)."""
-    from keras_convmixer.pretrained import resolve_weights
-
-    resolved = resolve_weights(weights_source(cfg["weights"]), variant=_variant(cfg))
-    apply_weights_meta(cfg, resolved.meta)
-    return resolved
-
-
-def load_backbone(classifier, cfg):
-    """Copy the pretrained weights of ``cfg["weights"]`` into ``classifier`` (the head too when its classes
-    agree: the same count, and the same names where both sides name them); returns the record config.json
-    keeps: ``{source, sha256, head_loaded}``."""
-    from keras_convmixer.pretrained import load_resolved, resolve_weights
-
-    source = weights_source(cfg["weights"])
-    resolved = resolve_weights(source, variant=_variant(cfg))
-    # The same count of differently named classes (digits 0-4, then 5-9) is a new task: its head starts afresh.
-    known = resolved.meta.get("class_names")
-    same_classes = not known or not cfg.get("class_names") or list(known) == list(cfg["class_names"])
-    report = load_resolved(classifier, resolved, load_head="auto" if same_classes else False)
-    return dict(source=source, sha256=report["sha256"], head_loaded=bool(report["head_loaded"]))
-
-
-def freeze_backbone(classifier):
-    """Make the stem and every block non-trainable (a linear probe): their weights stay as they are and
-    their BatchNorm layers normalise with the moving statistics, also in training."""
-    frozen = [layer for layer in classifier.layers if _BACKBONE_LAYER.match(layer.name)]
-    if not frozen:
-        raise ValueError(f"--freeze-backbone: {classifier.name} has no stem or block_<i> layers to freeze.")
-    for layer in frozen:
-        layer.trainable = False
-    return frozen
-
 
 # ----------------------------------------------------------------------------- device augmentation model
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_convmixer import recipes, training
+from keras_convmixer import finetune, recipes, training
 from keras_convmixer.data.sources import digits_arrays
 from keras_convmixer.models import ConvMixer
 from keras_convmixer.optim import BACKBONE_VARIABLES, GroupedAdamW
@@ -156,9 +156,9 @@ def test_backbone_starts_from_the_checkpoint_and_the_head_from_the_data(source):
     for classes, head_loaded in ((5, True), (3, False)):
         cfg = recipes.resolve_config("demo", dict(RUN, weights=str(source)))
         cfg["num_classes"] = classes
-        model = training.build_model(cfg)
+        model = finetune.build_model(cfg)
         fresh_head = to_numpy(model.get_layer("head").kernel)
-        record = training.load_backbone(model, cfg)
+        record = finetune.load_backbone(model, cfg)
         assert record == dict(source=str(source), sha256=_sha256(source), head_loaded=head_loaded)
         for name, value in _backbone(src).items():
             np.testing.assert_array_equal(_backbone(model)[name], value, err_msg=name)
