@@ -8,7 +8,7 @@ import time
 import keras
 from keras import ops
 
-from keras_convmixer import rundir
+from keras_convmixer import atomic, rundir
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -129,10 +129,10 @@ class RunCheckpoint(keras.callbacks.Callback):
         row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
         monitor = self.monitor if self.monitor in row else "top1"
         best = rundir.best_of(self.rows, monitor)
-        rundir.save_model(self.classifier, self.run / rundir.LAST_MODEL)
+        atomic.save_model(self.classifier, self.run / rundir.LAST_MODEL)
         value = row.get(monitor)
         if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
-            rundir.save_model(self.classifier, self.run / rundir.BEST_MODEL)
+            atomic.save_model(self.classifier, self.run / rundir.BEST_MODEL)
         self.rows = [*self.rows, row]
         self.run.commit_epoch(self.model, self.rows, monitor)
 

@@ -148,7 +148,7 @@ def plot_confusion(confusion, class_names, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from keras_convmixer.rundir import atomic_path
+    from keras_convmixer.atomic import atomic_path
 
     counts = np.asarray(confusion, "int64")
     n = len(class_names)

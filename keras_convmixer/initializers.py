@@ -18,8 +18,8 @@ import math
 
 import keras
 
-# The scheme names live with the rest of the config vocabulary, which the command line reads without Keras.
-from keras_convmixer.recipes import INITIALIZERS
+# The scheme names live below this module: the settings table offers them without importing Keras.
+from keras_convmixer.vocabulary import INITIALIZERS
 
 KERNEL_LAYOUTS = ("conv", "depthwise", "dense")
 

@@ -1,8 +1,7 @@
-"""The run directory: its file names, crash-safe writes, the one-run lock and resuming.
+"""The run directory: its file names, the one-run lock, its history and resuming.
 
-Every file is written to a temporary name in the same directory, flushed, fsynced and renamed
-over the old one, so a kill at any instant leaves either the old file or the new one, never a
-torn one. ``history.csv`` is the commit record: an epoch's row is written only after its backup
+Every file is written through ``atomic`` (a kill at any instant leaves the old file or the new
+one, never a torn one). ``history.csv`` is the commit record: an epoch's row is written only after its backup
 checkpoint (``backup/epoch-NNNN.weights.h5``), so the history and the backup always agree and a
 resume continues after the last row. The two newest checkpoints are kept; a resume that cannot
 read the newest falls back to the one before and drops the rows after it.
@@ -20,7 +19,6 @@ Layout::
     .lock            held (fcntl) by the process training into the directory
 """
 
-import contextlib
 import csv
 import errno
 import fcntl
@@ -29,139 +27,35 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import time
 
+from keras_convmixer.atomic import (
+    DISK_ERRORS,
+    FileError,
+    disk_error,
+    read_json,
+    remove_quietly,
+    save_model,  # noqa: F401  (rundir.save_model: convert.py still saves models through this module)
+    save_weights,
+    write_json,
+    write_text,
+)
 from keras_convmixer.errors import first_line
-from keras_convmixer.jsontext import json_text
 
 CONFIG, HISTORY, BEST, METRICS, CURVES = "config.json", "history.csv", "best.json", "metrics.json", "curves.png"
 LAST_MODEL, BEST_MODEL, BACKUP, LOCK = "last.keras", "best.keras", "backup", ".lock"
 MODEL_FILES = (BEST_MODEL, "model.keras", LAST_MODEL)  # the order predict/evaluate try them in
 _CHECKPOINT = re.compile(r"^epoch-(\d{4,})\.weights\.h5$")
 _KEEP_CHECKPOINTS = 2
-_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
-class RunDirError(OSError):
+class RunDirError(FileError):
     """A run directory that cannot be used as it is (locked, unreadable file, disk full, ...)."""
-
-    def __str__(self):  # the message alone, without OSError's "[Errno 28]" prefix
-        return self.strerror or super().__str__()
 
 
 class RunDirBusy(RunDirError):
     """Another live process holds the run directory's lock."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(directory):
-    with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename is still atomic
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _disk_error(path, err):
-    """One line for a full or read-only disk: the path and the space left."""
-    try:
-        free = f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.2f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    reason = "the filesystem is read-only" if err.errno == errno.EROFS else f"no space left ({free})"
-    return RunDirError(
-        err.errno,
-        f"cannot write {path}: {reason}; nothing written so far is lost: "
-        "free space and re-run the same command to resume",
-    )
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path`` (same suffix, so Keras accepts it); when the block
-    succeeds, fsync it and rename it over ``path``. On any failure the temporary file is removed."""
-    directory, name = os.path.split(os.path.abspath(path))
-    suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name[: len(name) - len(suffix)]}{suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except OSError as err:
-        _remove_quietly(tmp)
-        if err.errno in _DISK_ERRORS and not isinstance(err, RunDirError):
-            raise _disk_error(path, err) from None
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path):
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def _disk_errors_as_oserror(path, fn):
-    """Run a writer; h5py and zip report a full disk as RuntimeError/ValueError naming no path."""
-    try:
-        fn()
-    except OSError:
-        raise
-    except (RuntimeError, ValueError) as err:
-        text = str(err).lower()
-        if "space" in text or "write failed" in text or "errno = 28" in text or "file write" in text:
-            raise OSError(errno.ENOSPC, str(err)) from None
-        raise
-
-
-def write_bytes(path, data: bytes):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_text(path, text: str):
-    write_bytes(path, text.encode())
-
-
-def write_json(path, obj):
-    write_text(path, json_text(json.loads(json.dumps(obj, default=str))) + "\n")
-
-
-def save_model(model, path):
-    with atomic_path(path) as tmp:
-        _disk_errors_as_oserror(path, lambda: model.save(tmp))
-
-
-def save_weights(model, path):
-    with atomic_path(path) as tmp:
-        _disk_errors_as_oserror(path, lambda: model.save_weights(tmp))
-
-
-def read_json(path):
-    """A JSON object from ``path``, or one line naming the file if it is empty, not JSON or not an object."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as err:
-        raise RunDirError(err.errno, f"cannot read {path}: {err.strerror}") from None
-    if not raw.strip():
-        raise RunDirError(errno.EINVAL, f"{path} is empty (was its write interrupted?): delete or restore it")
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
-        raise RunDirError(errno.EINVAL, f"{path} is not valid JSON{where}: delete or restore it") from None
-    if not isinstance(value, dict):
-        raise RunDirError(errno.EINVAL, f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
 
 
 # ----------------------------------------------------------------------------- history
@@ -202,52 +96,6 @@ def best_of(rows, monitor):
     return best
 
 
-def curves_figure(history_rows, lr_curve=None, title=None, note=None):
-    """A matplotlib figure of a run: loss, top-1, the learning rate and training images/s against epochs.
-
-    ``lr_curve`` is ``(t, lr)`` with ``t`` in fractional epochs, one point per optimizer step or a
-    sample of them (``schedules.learning_rate_curve``): drawn per step, a one-cycle shows its peak,
-    which the once-an-epoch ``lr`` column of the history misses. Without it that column is drawn."""
-    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(12, 7.5))
-    axes = fig.subplots(2, 2)
-    panels = (
-        ("loss", ("loss", "val_loss")),
-        ("top-1 accuracy", ("top1", "val_top1")),
-        ("learning rate", ("lr",)),
-        ("training images/s", ("images_per_sec",)),
-    )
-    for ax, (name, keys) in zip(axes.flat, panels, strict=True):
-        for key in keys:
-            if key == "lr" and lr_curve is not None:
-                ax.plot(*lr_curve, label="lr per step")
-                continue
-            points = [(int(r["epoch"]) + 1, history_value(r, key)) for r in history_rows]
-            points = [(e, v) for e, v in points if v is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=key)
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    if title:
-        fig.suptitle(title)
-    if note:
-        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, wrap=True)
-    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
-    return fig
-
-
-def plot_curves(history_rows, path, lr_curve=None, title=None, note=None):
-    """Write ``curves_figure(...)`` to ``path`` as a PNG."""
-    with atomic_path(path) as tmp:
-        curves_figure(history_rows, lr_curve, title, note).savefig(tmp, dpi=100, format="png")
-
-
 # ----------------------------------------------------------------------------- the run directory
 
 
@@ -271,8 +119,8 @@ class RunDir:
         try:
             os.makedirs(self.backup_dir, exist_ok=True)
         except OSError as err:
-            if err.errno in _DISK_ERRORS:
-                raise _disk_error(self.backup_dir, err) from None
+            if err.errno in DISK_ERRORS:
+                raise disk_error(self.backup_dir, err) from None
             raise RunDirError(err.errno, f"cannot create run dir {self.path}: {err.strerror}") from None
         return self
 
@@ -281,7 +129,7 @@ class RunDir:
         for directory in (self.path, self.backup_dir):
             for name in os.listdir(directory) if os.path.isdir(directory) else ():
                 if name.startswith(".tmp-"):
-                    _remove_quietly(os.path.join(directory, name))
+                    remove_quietly(os.path.join(directory, name))
 
     # -- the lock
 
@@ -294,8 +142,8 @@ class RunDir:
         try:
             f = open(path, "a+")
         except OSError as err:
-            if err.errno in _DISK_ERRORS:
-                raise _disk_error(path, err) from None
+            if err.errno in DISK_ERRORS:
+                raise disk_error(path, err) from None
             raise
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -327,7 +175,12 @@ class RunDir:
 
     def read_config(self):
         path = self / CONFIG
-        return read_json(path) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            return None
+        try:
+            return read_json(path)
+        except FileError as err:
+            raise RunDirError(err.errno, str(err)) from None
 
     def write_config(self, cfg):
         write_json(self / CONFIG, cfg)
@@ -360,7 +213,7 @@ class RunDir:
             write_json(self / BEST, best)
         for epochs, path in self.checkpoints().items():
             if epochs <= done - _KEEP_CHECKPOINTS or epochs > done:
-                _remove_quietly(path)
+                remove_quietly(path)
 
     def restore(self, model, log=print):
         """Load the newest readable checkpoint that ``history.csv`` covers into ``model`` (compiled,

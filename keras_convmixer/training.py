@@ -15,7 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_convmixer import augment as aug
-from keras_convmixer import callbacks, data, distribute, recipes, rundir
+from keras_convmixer import atomic, callbacks, curves, data, distribute, recipes, rundir
 from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone, weights_source
 from keras_convmixer.recipes import describe_model
 from keras_convmixer.schedules import OneCycle, cosine_with_warmup, learning_rate_curve
@@ -342,7 +342,7 @@ def _train_locked(cfg, run, t_start):
         )
     rows = run.history()
     title = f"{describe_model(cfg)}, recipe {cfg['recipe']}, {cfg['backend']} backend"
-    rundir.plot_curves(
+    curves.plot_curves(
         rows,
         run / rundir.CURVES,
         lr_curve=learning_rate_curve(schedule, total_steps, steps),
@@ -350,7 +350,7 @@ def _train_locked(cfg, run, t_start):
         note=_curves_note(cfg),
     )
     metrics = _metrics(cfg, rows, classifier, model, info, t_start, strategy_name, run_dir)
-    rundir.write_json(run / rundir.METRICS, metrics)
+    atomic.write_json(run / rundir.METRICS, metrics)
     if metrics["val_top1"] is None:  # no validation split: say what best.keras was chosen on
         scores = f"train top-1 {metrics['train_top1']:.2%} (no validation)" if rows else "no epochs"
     else:

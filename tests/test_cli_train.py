@@ -64,14 +64,13 @@ def test_every_flag_has_help_with_its_default():
     assert len(actions) > 50
     for action in actions:
         assert action.help and "(default: " in action.help, action.option_strings
-    # Where the recipes differ, the help names each recipe's value, read from RECIPES.
+    # Where the recipes differ, the help names each recipe's value (the paper's and the CIFAR script's lr).
     lr = next(a for a in actions if a.dest == "lr").help
-    values = {name: recipes.RECIPES[name]["lr"] for name in ("demo", "cifar10", "imagenet")}
-    assert lr.endswith(
-        f"(default: recipe's: demo {values['demo']:g}, cifar10 {values['cifar10']:g}, imagenet {values['imagenet']:g})"
-    )
+    assert lr.endswith("(default: recipe's: demo 0.01, cifar10 0.05, imagenet 0.01)")
     model = next(a for a in actions if a.dest == "model").help
-    assert f"imagenet {recipes.RECIPES['imagenet']['model']})" in model
+    assert model.endswith("(default: recipe's: demo custom, cifar10 convmixer_256_8, imagenet convmixer_1536_20)")
+    hflip = next(a for a in actions if a.dest == "hflip").help
+    assert hflip.endswith("(default: recipe's: demo 0, cifar10 0.5, imagenet 0.5)")  # BASE's 0.5 shows too
 
 
 def test_config_file_then_command_line(tmp_path, capsys):
@@ -86,8 +85,8 @@ def test_config_file_then_command_line(tmp_path, capsys):
     assert cfg["lr"] == 0.001 and cfg["in_memory"] is True and cfg["augment_on"] == "device"
     assert cfg["crop_scale"] == [0.5, 1.0] and cfg["mixup_alpha"] == 0.2 and cfg["wd_exclude_bias_bn"] is True
     assert cfg["batch_size"] == 64  # the command line wins
-    assert cfg["hflip"] == recipes.RECIPES["cifar10"]["hflip"]  # an empty entry leaves the recipe's value
-    assert cfg["epochs"] == recipes.RECIPES["cifar10"]["epochs"]
+    assert cfg["hflip"] == 0.5  # an empty entry leaves the recipe's value
+    assert cfg["epochs"] == 25
     assert cfg == recipes.resolve_config(
         "cifar10",
         dict(
@@ -231,3 +230,38 @@ def test_divergence_saves_nothing_non_finite_and_exits_1(tmp_path, capsys):
         with h5py.File(path) as f:
             f.visititems(collect)
     assert all(np.isfinite(a).all() for a in arrays)
+
+
+# ----------------------------------------------------------------------------- the settings round trip
+
+
+def _printed(capsys, argv):
+    assert main([*argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("recipe", ["demo", "cifar10", "imagenet"])
+def test_print_config_output_is_a_config_file_that_gives_the_same_settings(recipe, tmp_path, capsys):
+    printed = _printed(capsys, ["--recipe", recipe, "--mean", "0.5,0.4,0.3", "--lr", "0.002"])
+    assert printed["mean"] == [0.5, 0.4, 0.3] and printed["std"] != printed["mean"]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(printed))
+    assert _printed(capsys, ["--config", str(path)]) == printed
+    # The file's settings stand where the command line is silent, and the command line wins.
+    again = _printed(capsys, ["--config", str(path), "--std", "0.25,0.25,0.25"])
+    assert again == {**printed, "std": [0.25] * 3, "model_kwargs": {**printed["model_kwargs"], "std": [0.25] * 3}}
+
+
+def test_a_run_dirs_config_json_is_a_config_file_that_resumes_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--epochs", "2", "--steps-per-epoch", "2", "--output-dir", str(run), *TINY_FLAGS]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert {"backend", "class_names", "num_classes", "precision_used", "strategy_used"} <= set(saved)
+    capsys.readouterr()
+    resolved = _printed(capsys, ["--config", str(run / "config.json")])
+    assert resolved == {k: v for k, v in saved.items() if k in resolved}
+    assert set(saved) - set(resolved) == {"backend", "class_names", "num_classes", "precision_used", "strategy_used"}
+    # The same settings are the same run: it is accepted as its resumption (here with nothing left to train),
+    # not refused as a run with other settings.
+    assert main(["--config", str(run / "config.json")]) == 0
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 2

@@ -8,13 +8,13 @@ import sys
 import keras
 import pytest
 
-from keras_convmixer import recipes
-from keras_convmixer.presets import CIFAR10_MEAN, IMAGENET_MEAN, MODEL_CONFIGS
+from keras_convmixer import recipes, settings
+from keras_convmixer.presets import CIFAR10_MEAN, IMAGENET_MEAN, MODEL_CONFIGS, PRETRAINED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
 OTHER_BACKEND_STRATEGY = "mirrored" if BACKEND != "tensorflow" else "data-parallel"
-OTHER_BACKEND = recipes.STRATEGY_BACKEND[OTHER_BACKEND_STRATEGY]
+OTHER_BACKEND = "tensorflow" if BACKEND != "tensorflow" else "jax"
 
 # Imports the module, resolves a config (which checks the data folder) and reports what it loaded.
 _PROBE = """
@@ -194,10 +194,7 @@ def test_settings_follow_the_weights_unless_given():
 
 
 def test_imagenet_weights_set_the_published_eval_transform():
-    table = recipes.pretrained_table()
-    if "convmixer_768_32" not in table:
-        pytest.skip("presets.PRETRAINED is not there yet")
-    row = table["convmixer_768_32"]
+    row = PRETRAINED["convmixer_768_32"]
     cfg = recipes.resolve_config("cifar10", {"weights": "imagenet", "model": "convmixer_768_32"})
     assert (cfg["image_size"], cfg["crop_pct"], cfg["interpolation"]) == (
         row["image_size"],
@@ -207,3 +204,77 @@ def test_imagenet_weights_set_the_published_eval_transform():
     assert cfg["mean"] == list(row["mean"]) and cfg["std"] == list(row["std"])  # not the recipe's CIFAR ones
     given = recipes.resolve_config("cifar10", {"weights": "imagenet", "model": "convmixer_768_32", "image_size": 112})
     assert given["image_size"] == 112 and given["model_kwargs"]["input_shape"] == [112, 112, 3]
+
+
+# ----------------------------------------------------------------------------- what each recipe changes
+
+
+def test_a_recipe_lists_only_what_it_changes_from_base():
+    for name, recipe in recipes.RECIPES.items():
+        restated = sorted(k for k, v in recipe.items() if k in settings.BASE and settings.BASE[k] == v)
+        assert not restated, f"recipe {name} restates BASE values: {restated}"
+        assert set(recipe) <= set(settings.BY_NAME), name
+        assert set(settings.REQUIRED_SETTINGS) <= set(recipe), name
+
+
+# The paper's timm command and the official CIFAR script (REFERENCE.md), written out here, not read from RECIPES.
+PAPER = dict(
+    imagenet=dict(
+        batch_size=640, lr=0.01, epsilon=1e-3, weight_decay=2e-5, wd_exclude_bias_bn=True, epochs=150, clip_norm=1.0,
+        crop_scale=[0.08, 1.0], crop_ratio=[0.75, 4 / 3], train_interpolation="random", hflip=0.5, randaug_n=2,
+        randaug_m=9.0, randaug_mstd=0.5, randaug_scale="timm", color_jitter=0.0, mixup_alpha=0.5, cutmix_alpha=0.5,
+        mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1, reprob=0.25, crop_pct=0.96, interpolation="bicubic",
+        mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], image_size=224, schedule="onecycle",
+    ),
+    cifar10=dict(
+        model="convmixer_256_8", batch_size=512, epochs=25, lr=0.05, weight_decay=0.005, wd_exclude_bias_bn=False,
+        epsilon=1e-8, clip_norm=None, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, crop_scale=[1.0, 1.0],
+        crop_ratio=[1.0, 1.0], hflip=0.5, randaug_n=2, randaug_m=12.0, randaug_scale="torchvision", color_jitter=0.0,
+        reprob=0.0, mean=[0.4914, 0.4822, 0.4465], std=[0.2471, 0.2435, 0.2616], image_size=32, schedule="onecycle",
+    ),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER))
+def test_the_paper_recipes_resolve_to_the_published_settings(recipe):
+    cfg = recipes.resolve_config(recipe, {"output_dir": "x"})
+    assert {k: cfg[k] for k in PAPER[recipe]} == PAPER[recipe]
+
+
+def test_normalisation_flags_and_agreeing_architecture_are_accepted():
+    cfg = recipes.resolve_config("cifar10", {"mean": [0.5, 0.5, 0.5], "output_dir": "x"})
+    assert (
+        cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.2471, 0.2435, 0.2616] and cfg["model_kwargs"]["mean"] == [0.5] * 3
+    )
+    # The demo's custom model has no normalisation of its own: ImageNet's, each of mean and std on its own.
+    assert recipes.resolve_config("demo", {"std": [1, 1, 1]})["mean"] == [0.485, 0.456, 0.406]
+    # A printed config restates the named model's architecture; only another value is refused.
+    same = recipes.resolve_config("cifar10", {"dim": 256, "depth": 8, "kernel_size": 5, "patch_size": 2})
+    assert same["dim"] == 256
+    with pytest.raises(ValueError, match=r"^--depth sets the architecture of --model custom, .* \(depth 8\)\.$"):
+        recipes.resolve_config("cifar10", {"depth": 9})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"std": [0.2, 0.0, 0.2]}, "--std must be three positive numbers (R,G,B), got [0.2, 0.0, 0.2]."),
+        ({"mean": [0.5, 0.5]}, "--mean must be three finite numbers (R,G,B), got [0.5, 0.5]."),
+        ({"mean": [0.5, float("nan"), 0.5]}, "--mean must be three finite numbers"),
+        ({"in_memory": "yes"}, "--in-memory must be true or false, got 'yes'."),
+        ({"mixup_alpha": -1}, "--mixup -1 is out of range: it must be in [0, inf)."),
+    ],
+)
+def test_normalisation_and_flag_named_mistakes(overrides, message):
+    with pytest.raises(ValueError) as err:
+        recipes.resolve_config("demo", overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_numbers_take_their_settings_type():
+    cfg = recipes.resolve_config("demo", {"epochs": 3.0, "warmup_epochs": 1, "randaug_m": 9})
+    assert [(cfg[k], type(cfg[k])) for k in ("epochs", "warmup_epochs", "randaug_m")] == [
+        (3, int),
+        (1.0, float),
+        (9.0, float),
+    ]

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_convmixer import rundir
+from keras_convmixer import atomic, curves, rundir
 from tests.helpers import ROOT, TINY_FLAGS, rows, run_script
 
 BACKEND = keras.backend.backend()
@@ -41,8 +41,8 @@ def _row(epoch, top1):
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     path = tmp_path / "best.json"
-    rundir.write_json(path, {"value": 1})
-    with pytest.raises(KeyboardInterrupt), rundir.atomic_path(path) as tmp:
+    atomic.write_json(path, {"value": 1})
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write('{"val')  # a torn write...
         raise KeyboardInterrupt  # ...interrupted
@@ -53,7 +53,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 def test_history_csv_has_csvloggers_layout_and_best_is_derived_from_it(tmp_path):
     run = rundir.RunDir(tmp_path / "run").create()
     history = [_row(0, 0.5), {"epoch": 1, "loss": 0.4, "top1": 0.75, "val_top1": 0.7}, _row(2, 0.6)]
-    rundir.write_text(run / rundir.HISTORY, rundir.history_csv(history))
+    atomic.write_text(run / rundir.HISTORY, rundir.history_csv(history))
     back = run.history()
     assert list(back[0]) == ["epoch", "loss", "top1", "val_top1"]
     assert [r["val_top1"] for r in back] == ["NA", "0.7", "NA"]
@@ -168,7 +168,7 @@ def test_curves_show_the_lr_of_every_step_on_integer_epochs(tmp_path):
     # A one-cycle sampled per step: its peak falls between the once-an-epoch lr values of the history.
     t = np.arange(1, 701) / 100
     lr = np.interp(t, [0, 2.5, 5.5, 7], [0, 0.05, 0.0025, 0])
-    fig = rundir.curves_figure(
+    fig = curves.curves_figure(
         history,
         lr_curve=(t, lr),
         title="ConvMixer-256/8, recipe cifar10, jax backend",
@@ -187,7 +187,7 @@ def test_curves_show_the_lr_of_every_step_on_integer_epochs(tmp_path):
         ticks = ax.get_xticks()
         assert np.array_equal(ticks, np.round(ticks)), (ax.get_title(), ticks)
         assert all(gridline.get_visible() for gridline in ax.xaxis.get_gridlines())
-    rundir.plot_curves(history, tmp_path / "curves.png", lr_curve=(t, lr))
+    curves.plot_curves(history, tmp_path / "curves.png", lr_curve=(t, lr))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -15,8 +15,8 @@ import keras
 from keras import ops
 
 from keras_convmixer.augment.xp import first_fit, keras_namespace, random_corner, tf_namespace
-from keras_convmixer.data.tf_pipeline import import_tf
-from keras_convmixer.recipes import TRAIN_INTERPOLATIONS
+from keras_convmixer.data.transforms import TRAIN_INTERPOLATIONS
+from keras_convmixer.tf_import import import_tf
 
 # The probability that an image is resampled bicubically; compared with a uniform in [0, 1).
 _BICUBIC_PROB = {"bilinear": 0.0, "random": 0.5, "bicubic": 1.0}

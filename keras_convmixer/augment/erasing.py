@@ -25,7 +25,7 @@ import numpy as np
 from keras import ops
 
 from keras_convmixer.augment.xp import box_muller, first_fit, keras_namespace, random_corner, tf_namespace
-from keras_convmixer.data.tf_pipeline import import_tf
+from keras_convmixer.tf_import import import_tf
 
 MODES = ("pixel", "rand", "const")
 ATTEMPTS = 10

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_convmixer.data.tf_pipeline import import_tf
+from keras_convmixer.tf_import import import_tf
 
 
 def soft_targets(labels, num_classes, smoothing, xp_one_hot):

@@ -20,8 +20,8 @@ from keras_convmixer.augment.crop import RandomResizedCrop, tf_random_resized_cr
 from keras_convmixer.augment.erasing import RandomErasing
 from keras_convmixer.augment.mix import MixupCutmix
 from keras_convmixer.augment.randaugment import RandAugment
-from keras_convmixer.data.tf_pipeline import import_tf
-from keras_convmixer.recipes import RANDAUG_SCALES
+from keras_convmixer.tf_import import import_tf
+from keras_convmixer.vocabulary import RANDAUG_SCALES
 
 
 def make_randaugment(cfg, seed=None):

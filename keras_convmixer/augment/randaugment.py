@@ -47,7 +47,7 @@ from keras_convmixer.augment.image_ops import (
     warp,
 )
 from keras_convmixer.augment.xp import box_muller, keras_namespace, tf_namespace
-from keras_convmixer.data.tf_pipeline import import_tf
+from keras_convmixer.tf_import import import_tf
 
 TORCHVISION_OPS = (
     "Identity",

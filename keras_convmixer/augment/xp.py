@@ -11,7 +11,7 @@ import types
 
 from keras import ops
 
-from keras_convmixer.data.tf_pipeline import import_tf
+from keras_convmixer.tf_import import import_tf
 
 # The ops keras.ops and TensorFlow both offer under the name the augmentations call them by; the rest are
 # mapped one by one in each namespace.

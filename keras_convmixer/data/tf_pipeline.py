@@ -1,6 +1,6 @@
 """tf.data pipelines: ``make_dataset`` turns a split into batches that ``model.fit`` accepts on every backend.
 
-TensorFlow is imported lazily, by ``import_tf``, inside the functions that build pipelines, so
+TensorFlow is imported lazily, by ``tf_import.import_tf``, inside the functions that build pipelines, so
 importing this module (and the package) costs no TensorFlow.
 """
 
@@ -11,28 +11,10 @@ import numpy as np
 from keras_convmixer.data.folders import DecodeAudit
 from keras_convmixer.data.sources import Split
 from keras_convmixer.data.transforms import check_interpolation, check_max_pixels, eval_geometry, scale_size
+from keras_convmixer.tf_import import import_tf
 
 # Decoded splits up to this size are cached in RAM by tf.data (CIFAR-10 needs 150 MB).
 CACHE_BUDGET_BYTES = 4 * 1024**3
-
-_tf_ready = False
-
-
-def import_tf():
-    """TensorFlow, configured once to leave the accelerators to JAX or torch when it only feeds data."""
-    global _tf_ready
-    import tensorflow as tf
-
-    if not _tf_ready:
-        import keras
-
-        _tf_ready = True
-        if keras.backend.backend() != "tensorflow":
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:
-                pass  # TF's runtime is already up; too late to change, and not ours to break
-    return tf
 
 
 def eval_geometry_tf(height, width, image_size: int, crop_pct: float = 1.0):

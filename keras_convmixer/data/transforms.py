@@ -12,7 +12,10 @@ import os
 
 import numpy as np
 
-from keras_convmixer.recipes import INTERPOLATIONS
+# The resamplers of the eval transform (PIL and TensorFlow both have them) and of the training crop, which
+# also offers a random choice per image (timm's "random").
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 # What TensorFlow's decode_image reads; the first bytes of each file name its format.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
