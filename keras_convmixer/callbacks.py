@@ -147,3 +147,18 @@ def tensorboard_logs(run_dir, log=print):
         log("TensorBoard logs skipped: TensorFlow/tensorboard is not installed.")
         return []
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "tensorboard"))]
+
+
+def for_run(classifier, run, *, batch_size, unreadable, validated, guard):
+    """The callbacks of a training run, in the order they must run: the loggers put their figures into the
+    logs before ``guard`` checks the epoch, and the checkpoint (which records the logs in history.csv and
+    saves nothing once ``guard`` has tripped) comes after both."""
+    return [
+        LearningRateLogger(),
+        ThroughputLogger(int(batch_size)),
+        keras.callbacks.TerminateOnNaN(),
+        guard,
+        UnreadableFilesLogger(unreadable),
+        RunCheckpoint(classifier, run, "val_top1" if validated else "top1", guard),
+        *tensorboard_logs(run.path),
+    ]

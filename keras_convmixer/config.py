@@ -68,6 +68,13 @@ class Config(Mapping):
     def __setattr__(self, name, value):
         raise AttributeError("Config is frozen: use config.replace(...)")
 
+    def __eq__(self, other):  # equal to the JSON-able dict it was made from, lists and all
+        if isinstance(other, Config):
+            other = other.as_dict()
+        return isinstance(other, Mapping) and self.as_dict() == dict(other)
+
+    __hash__ = None
+
     def __repr__(self):
         return f"Config({self.as_dict()!r})"
 

@@ -15,10 +15,10 @@ import numpy as np
 from keras import ops
 
 from keras_convmixer import augment as aug
-from keras_convmixer import atomic, callbacks, curves, data, distribute, recipes, rundir
-from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone, weights_source
-from keras_convmixer.recipes import describe_model
-from keras_convmixer.schedules import OneCycle, cosine_with_warmup, learning_rate_curve
+from keras_convmixer import callbacks, data, distribute, report, resume, rundir
+from keras_convmixer.config import Config, RunRecord, run_json, view
+from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone
+from keras_convmixer.schedules import OneCycle, cosine_with_warmup
 
 # ----------------------------------------------------------------------------- device augmentation model
 
@@ -130,6 +130,11 @@ def _prepare_data(cfg):
         stream = array_batches(x, y, batch, cfg["seed"])
         return stream, val, dict(validation_batch_size=batch, steps_per_epoch=steps, shuffle=False), info
 
+    return _tf_data(cfg, batch, split, steps_cap)
+
+
+def _tf_data(cfg, batch, split, steps_cap):
+    """``_prepare_data`` for the tf.data path: batched datasets, augmented on the host or left to the device."""
     try:
         import tensorflow as tf
     except ImportError:
@@ -177,246 +182,158 @@ def _prepare_data(cfg):
     return train, val, dict(shuffle=False, steps_per_epoch=steps), info  # tf.data shuffles itself
 
 
-# Settings that may change between a run and its resumption.
-_RESUME_MAY_CHANGE = ("output_dir", "verbose")
-
-
 def train(config):
-    """Train per ``config`` (from ``recipes.resolve_config``); returns the metrics written to metrics.json."""
-    cfg = dict(config)
+    """Train per ``config`` (from ``recipes.resolve_config``, a dict or a ``Config``); returns the metrics
+    written to metrics.json."""
+    config = config if isinstance(config, Config) else Config(config)
     t_start = time.perf_counter()
-    distribute.init_distributed(cfg)  # before any JAX computation
-    keras.utils.set_random_seed(int(cfg["seed"]))
-    run_dir = cfg["output_dir"]
-    if cfg["process_id"]:
+    distribute.init_distributed(config)  # before any JAX computation
+    keras.utils.set_random_seed(int(config.seed))
+    run_dir = config.output_dir
+    if config.process_id:
         # Every process trains the same replicated model; on a shared filesystem they would
         # overwrite each other's backup and checkpoints. Process 0 owns the run dir itself.
-        run_dir = os.path.join(run_dir, f"process_{cfg['process_id']}")
+        run_dir = os.path.join(run_dir, f"process_{config.process_id}")
     run = rundir.RunDir(run_dir).create().lock()
     try:
-        return _train_locked(cfg, run, t_start)
+        return _train_locked(config, run, t_start)
     finally:
         run.unlock()
 
 
-def _compile(cfg, total_steps, steps_per_epoch, load_weights=False):
-    """``(classifier, model, schedule)``: the model that ``fit`` trains wraps the classifier when the
-    augmentation runs on the device. With ``load_weights`` the classifier starts from ``cfg["weights"]``,
-    whose record replaces that setting in ``cfg``. Call inside the strategy's scope."""
-    device = cfg["augment_on"] == "device"
+def _build(config, record, load_weights):
+    """``(classifier, model)``: the model that ``fit`` trains wraps the classifier when the augmentation runs
+    on the device. With ``load_weights`` the classifier starts from the weights, and ``record`` keeps what was
+    loaded. Call inside the strategy's scope."""
+    device = config.augment_on == "device"
     if device:  # augmentation layers stay float32 whatever the policy
-        augment = aug.DeviceAugment(cfg, crop=bool(cfg["in_memory"]), name="device_augment")
-        mix = aug.make_batch_mix(cfg, cfg["num_classes"], host=False)
-    cfg["precision_used"] = distribute.set_precision(cfg)
-    classifier = build_model(cfg)
+        augment = aug.DeviceAugment(config, crop=bool(config.in_memory), name="device_augment")
+        mix = aug.make_batch_mix(config, record.num_classes, host=False)
+    record.precision_used = distribute.set_precision(config)
+    classifier = build_model(view(config, record))
     if load_weights:
-        cfg["weights"] = load_backbone(classifier, cfg)
-    if cfg["freeze_backbone"]:
+        record.weights = load_backbone(classifier, view(config, record))
+    if config.freeze_backbone:
         freeze_backbone(classifier)
-    model = classifier
-    if device:
-        model = AugmentedClassifier(classifier, augment, mix, cfg["num_classes"])
-        # A subclassed model builds on its first call; restoring a checkpoint needs it built.
-        size = cfg["image_size"]
-        model({"images": np.zeros((1, size, size, 3), "float32"), "labels": np.zeros((1,), "int32")})
-        if keras.backend.backend() == "jax":
-            _allow_jit(augment)
-            _allow_jit(mix)
-    lr = float(cfg["lr"])
-    if cfg["schedule"] == "onecycle":
+    if not device:
+        return classifier, classifier
+    model = AugmentedClassifier(classifier, augment, mix, record.num_classes)
+    # A subclassed model builds on its first call; restoring a checkpoint needs it built.
+    size = config.image_size
+    model({"images": np.zeros((1, size, size, 3), "float32"), "labels": np.zeros((1,), "int32")})
+    if keras.backend.backend() == "jax":
+        _allow_jit(augment)
+        _allow_jit(mix)
+    return classifier, model
+
+
+def _optimizer(config, total_steps, steps_per_epoch):
+    """``(optimizer, schedule)``: AdamW (grouped where the backbone steps with a lower lr) on the schedule."""
+    lr = float(config.lr)
+    if config.schedule == "onecycle":
         schedule = OneCycle(lr, total_steps, steps_per_epoch=steps_per_epoch)
     else:
-        schedule = cosine_with_warmup(lr, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch))
+        schedule = cosine_with_warmup(lr, total_steps, int(config.warmup_epochs * steps_per_epoch))
     adamw = dict(
         learning_rate=schedule,
-        weight_decay=float(cfg["weight_decay"]),
-        epsilon=float(cfg["epsilon"]),
-        global_clipnorm=cfg["clip_norm"] or None,
+        weight_decay=float(config.weight_decay),
+        epsilon=float(config.epsilon),
+        global_clipnorm=config.clip_norm or None,
     )
-    if float(cfg["backbone_lr_scale"]) != 1.0:
+    if float(config.backbone_lr_scale) != 1.0:
         from keras_convmixer.optim import BACKBONE_VARIABLES, GroupedAdamW
 
-        optimizer = GroupedAdamW(**adamw, lr_scale=float(cfg["backbone_lr_scale"]), scaled_variables=BACKBONE_VARIABLES)
+        scale = float(config.backbone_lr_scale)
+        optimizer = GroupedAdamW(**adamw, lr_scale=scale, scaled_variables=BACKBONE_VARIABLES)
     else:
         optimizer = keras.optimizers.AdamW(**adamw)
-    if cfg["wd_exclude_bias_bn"]:
+    if config.wd_exclude_bias_bn:
         # Matches Keras variable names: every bias, and BN's gamma/beta (timm: all 1-D params).
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer, schedule
+
+
+def _compile(config, record, total_steps, steps_per_epoch, load_weights=False):
+    """``(classifier, model, schedule)``, compiled. Call inside the strategy's scope."""
+    classifier, model = _build(config, record, load_weights)
+    optimizer, schedule = _optimizer(config, total_steps, steps_per_epoch)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="top1"),
-            keras.metrics.TopKCategoricalAccuracy(k=min(5, cfg["num_classes"]), name="top5"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, record.num_classes), name="top5"),
         ],
     )
     return classifier, model, schedule
 
 
-def _train_locked(cfg, run, t_start):
-    run_dir = run.path
+def _follow_weights(config):
+    """``config`` with the settings that follow the pretrained weights set to their metadata."""
+    values = config.as_dict()
+    follow_weights(values)  # sets them in ``values`` (and checks them)
+    return Config(values)
+
+
+def _data(config, record, saved, run_dir):
+    """``_prepare_data``'s ``(train, val, fit_kwargs, info)``, checked: at least one batch, and on resume the
+    classes the run began with; ``record`` gets the classes."""
+    prepared = _prepare_data(config)
+    info = prepared[3]
+    if info["num_train"] == 0 or info["steps_per_epoch"] == 0:
+        raise ValueError(f"{config.data}: fewer training images than one batch of {config.batch_size}.")
+    record.class_names, record.num_classes = list(info["class_names"]), len(info["class_names"])
+    resume.check_data(saved, record.class_names, config.data, run_dir)
+    return prepared
+
+
+def _fit(model, train_data, val_data, config, hooks, fit_kwargs):
+    with warnings.catch_warnings():
+        # Training streams never run out (they repeat); the validation set, whose length is
+        # unknown when undecodable files are skipped, ends each pass with this warning.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(
+            train_data[0] if isinstance(train_data, tuple) else train_data,
+            train_data[1] if isinstance(train_data, tuple) else None,
+            validation_data=val_data,
+            epochs=int(config.epochs),
+            callbacks=hooks,
+            verbose=config.verbose,
+            **fit_kwargs,
+        )
+
+
+def _train_locked(config, run, t_start):
     saved = run.read_config()
     # A run with committed epochs resumes from its own checkpoint; pretrained weights only start one.
-    start_from_weights = bool(cfg["weights"]) and not run.history()
-    if saved is not None:
-        # Another --weights is another run, named first (the settings that follow the weights differ too).
-        rundir.check_resumable(
-            {"weights": weights_source(saved.get("weights"))}, {"weights": cfg["weights"]}, (), run_dir
-        )
-        if cfg["weights"]:
-            # What the weights' metadata set when the run began (no need to read the weights again).
-            for key in set(cfg["from_weights"]) & set(saved.get("from_weights") or ()):
-                cfg[key] = saved[key]
-            cfg["model_kwargs"] = recipes.model_kwargs(cfg)
-            if not start_from_weights:
-                cfg["weights"] = saved["weights"]
-        current = dict(cfg, backend=keras.backend.backend(), weights=weights_source(cfg["weights"]))
-        recorded = dict(saved, weights=weights_source(saved.get("weights")))
-        rundir.check_resumable(recorded, current, _RESUME_MAY_CHANGE, run_dir)
-    if start_from_weights:
-        follow_weights(cfg)
-    scope, strategy_name, replicas = distribute.make_strategy(cfg)
-    train_data, val_data, fit_kwargs, info = _prepare_data(cfg)
-    if info["num_train"] == 0 or info["steps_per_epoch"] == 0:
-        raise ValueError(f"{cfg['data']}: fewer training images than one batch of {cfg['batch_size']}.")
-    cfg.update(num_classes=len(info["class_names"]), class_names=list(info["class_names"]))
-    if saved is not None:
-        rundir.check_resumable(saved, {"class_names": cfg["class_names"], "data": cfg["data"]}, (), run_dir)
-    cfg.update(strategy_used=strategy_name, backend=keras.backend.backend())
+    starting = bool(config.weights) and not run.history()
+    backend = keras.backend.backend()
+    config, weights = resume.reconcile(config, saved, run.path, backend, starting)
+    if starting:
+        config = _follow_weights(config)
+    record = RunRecord(backend=backend, weights=weights)
+    scope, record.strategy_used, replicas = distribute.make_strategy(config)
+    train_data, val_data, fit_kwargs, info = _data(config, record, saved, run.path)
     steps = info["steps_per_epoch"]
-    total_steps = steps * int(cfg["epochs"])
-
+    total_steps = steps * int(config.epochs)
     previous_policy = keras.mixed_precision.global_policy()
     try:
         with scope:
-            classifier, model, schedule = _compile(cfg, total_steps, steps, load_weights=start_from_weights)
-        run.write_config(cfg)
-
+            classifier, model, schedule = _compile(config, record, total_steps, steps, load_weights=starting)
+        run.write_config(run_json(config, record))
         guard = callbacks.FiniteGuard()
-        hooks = [
-            callbacks.LearningRateLogger(),
-            callbacks.ThroughputLogger(int(cfg["batch_size"])),
-            keras.callbacks.TerminateOnNaN(),
-            guard,  # before everything that saves
-            callbacks.UnreadableFilesLogger(info["unreadable"]),
-            # After the loggers, whose figures it records in history.csv.
-            callbacks.RunCheckpoint(classifier, run, "val_top1" if val_data is not None else "top1", guard),
-            *callbacks.tensorboard_logs(run_dir),
-        ]
-        unreadable = len(info["unreadable"])
-        start = _start_note(cfg, start_from_weights)
-        print(
-            f"Training {describe_model(cfg)}{start} on {cfg['data']}: {info['num_train']} train / "
-            f"{info['num_val']} val images, {len(info['class_names'])} classes, "
-            f"{cfg['epochs']} epochs x {steps} steps, "
-            f"batch {cfg['batch_size']}, strategy {strategy_name} ({_count(replicas, 'replica')}), "
-            f"{cfg['precision_used']}, augment on {cfg['augment_on']}; run dir {run_dir}"
-            + (f"; left out {_count(unreadable, 'unreadable file')}" if unreadable else "")
+        hooks = callbacks.for_run(
+            classifier,
+            run,
+            batch_size=config.batch_size,
+            unreadable=info["unreadable"],
+            validated=val_data is not None,
+            guard=guard,
         )
-        with warnings.catch_warnings():
-            # Training streams never run out (they repeat); the validation set, whose length is
-            # unknown when undecodable files are skipped, ends each pass with this warning.
-            warnings.filterwarnings("ignore", message="Your input ran out of data")
-            model.fit(
-                train_data[0] if isinstance(train_data, tuple) else train_data,
-                train_data[1] if isinstance(train_data, tuple) else None,
-                validation_data=val_data,
-                epochs=int(cfg["epochs"]),
-                callbacks=hooks,
-                verbose=cfg["verbose"],
-                **fit_kwargs,
-            )
+        print(report.banner(config, record, info, replicas, starting, run.path))
+        _fit(model, train_data, val_data, config, hooks, fit_kwargs)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-
     if not guard.ok:
-        last = run / rundir.LAST_MODEL
-        kept = (
-            f"the last finite checkpoint is {last} (epoch {guard.diverged_epoch - 1})"
-            if guard.diverged_epoch > 1 and os.path.exists(last)
-            else "no checkpoint was written"
-        )
-        raise callbacks.TrainingDiverged(
-            f"training diverged at epoch {guard.diverged_epoch}: the loss or weights became non-finite (lower "
-            f"--lr, or set --clip-norm); nothing from that epoch was saved, {kept}."
-        )
-    rows = run.history()
-    title = f"{describe_model(cfg)}, recipe {cfg['recipe']}, {cfg['backend']} backend"
-    curves.plot_curves(
-        rows,
-        run / rundir.CURVES,
-        lr_curve=learning_rate_curve(schedule, total_steps, steps),
-        title=title[0].upper() + title[1:],
-        note=_curves_note(cfg),
-    )
-    metrics = _metrics(cfg, rows, classifier, model, info, t_start, strategy_name, run_dir)
-    atomic.write_json(run / rundir.METRICS, metrics)
-    if metrics["val_top1"] is None:  # no validation split: say what best.keras was chosen on
-        scores = f"train top-1 {metrics['train_top1']:.2%} (no validation)" if rows else "no epochs"
-    else:
-        top5 = "n/a" if metrics["val_top5"] is None else f"{metrics['val_top5']:.2%}"
-        scores = f"val top-1 {metrics['val_top1']:.2%}, top-5 {top5}"
-    left_out = len(metrics["unreadable_files"])
-    unreadable = f", {_count(left_out, 'unreadable file')} left out" if left_out else ""
-    print(
-        f"Done: {metrics['epochs']} epochs, {scores}{unreadable}, {metrics['wall_time_s']:.0f} s, "
-        f"{metrics['images_per_sec'] or 0:.0f} img/s, {metrics['params']:,} params -> {run_dir}"
-    )
-    return metrics
-
-
-def _start_note(cfg, loaded):
-    """Where the weights come from and what trains, for the banner; empty for a plain run."""
-    parts = []
-    record = cfg["weights"]
-    if record:
-        how = "loaded" if loaded else "resumed from the run's checkpoint"
-        head = "head loaded" if record.get("head_loaded") else "new head"
-        parts.append(f"from {record['source']} ({how}, {head})")
-    if cfg["freeze_backbone"]:
-        parts.append("backbone frozen")
-    if float(cfg["backbone_lr_scale"]) != 1.0:
-        parts.append(f"backbone lr x{float(cfg['backbone_lr_scale']):g}")
-    return f" {', '.join(parts)}" if parts else ""
-
-
-def _count(n, noun):
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _curves_note(cfg):
-    """Why the training curves sit where they do next to the validation ones."""
-    targets = []
-    if cfg["label_smoothing"]:
-        targets.append(f"label smoothing {cfg['label_smoothing']:g}")
-    if cfg["mixup_alpha"] or cfg["cutmix_alpha"]:
-        targets.append("MixUp/CutMix")
-    soft = f" whose targets include {' and '.join(targets)}" if targets else ""
-    return (
-        f"Train loss and top-1 are measured on augmented batches{soft}, averaged over each epoch; "
-        "validation uses unaugmented images and one-hot labels."
-    )
-
-
-def _metrics(cfg, rows, classifier, model, info, t_start, strategy_name, run_dir):
-    num = rundir.history_value
-    last = rows[-1] if rows else {}
-    ips = [num(r, "images_per_sec") for r in rows if num(r, "images_per_sec") is not None]
-    return dict(
-        val_top1=num(last, "val_top1"),
-        val_top5=num(last, "val_top5"),
-        best_val_top1=max((num(r, "val_top1") for r in rows if num(r, "val_top1") is not None), default=None),
-        train_top1=num(last, "top1"),
-        epochs=len(rows),
-        wall_time_s=round(time.perf_counter() - t_start, 2),
-        train_time_s=round(sum(num(r, "epoch_time_s") or 0.0 for r in rows), 2),
-        images_per_sec=round(float(np.mean(ips)), 1) if ips else None,
-        params=int(classifier.count_params()),
-        # epochs x steps_per_epoch on a run that finished; a resumed run restores the count.
-        optimizer_steps=int(ops.convert_to_numpy(model.optimizer.iterations)),
-        steps_per_epoch=info["steps_per_epoch"],
-        backend=keras.backend.backend(),
-        strategy=strategy_name,
-        run_dir=run_dir,
-        unreadable_files=info["unreadable"].failures,
-    )
+        raise report.diverged(guard, run)
+    return report.finish(config, record, run, (classifier, model, schedule, total_steps), info, t_start)

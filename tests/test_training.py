@@ -22,9 +22,16 @@ TINY = dict(TINY_DEMO, epochs=2, verbose=0)
 def test_demo_run_writes_every_artefact(tmp_path):
     run = tmp_path / "run"
     config = recipes.resolve_config("demo", dict(TINY, output_dir=str(run)))
+    resolved = json.loads(json.dumps(config))
     metrics = training.train(config)
+    assert config == resolved  # training writes what it found into the run record, not into the config
 
     saved = json.loads((run / "config.json").read_text())
+    # config.json: the settings as resolved, then what the run used beside them.
+    assert {k: saved[k] for k in resolved} == resolved
+    assert set(saved) - set(resolved) == {"backend", "strategy_used", "precision_used", "num_classes", "class_names"}
+    assert (saved["backend"], saved["strategy_used"], saved["precision_used"]) == (BACKEND, "none", "float32")
+    assert saved["class_names"] == [str(d) for d in range(10)]
     for key in (
         "model",
         "model_kwargs",

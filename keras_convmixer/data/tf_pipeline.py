@@ -121,96 +121,121 @@ def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, b
 
     A file that fails to decode (or, when the scan did not read sizes, has more than
     ``split.max_pixels`` pixels: refused from its header) is dropped by ``ignore_errors``, but
-    not silently. The label carries the file's index (``tag = index * classes + label``), so the
-    stream carries nothing more than before and no Python or table work runs per image. Each
-    batch notes, in a table, the last pass in which each of its files came out; the batches
-    come in decode order, so a file missing from a finished pass (or, unshuffled, from the part
-    before the furthest file batched) failed. A shuffled pass holds each file once, so a batch
-    tells the passes apart: a file already seen in the current pass opens the next one.
-    ``audit`` reads the tables lazily, on the host; a file is one entry however often a
-    repeating stream retries it.
+    not silently: ``_DecodeTracker`` finds it. The label carries the file's index
+    (``tag = index * classes + label``), so the stream carries nothing more than before and no
+    Python or table work runs per image. ``audit`` reads the tracker lazily, on the host; a file
+    is one entry however often a repeating stream retries it.
     """
     tf = import_tf()
-    n = len(split.paths)
-    classes = int(split.labels.max()) + 1
     max_pixels = check_max_pixels(split.max_pixels)
-    check_sizes = not split.sizes_checked and max_pixels is not None
-    finite = not (training and repeat)
-    seen = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)  # index -> last pass
-    marks = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
-    # Training: the current pass, and the first pass of this iteration; evaluation: the furthest index batched;
-    # both: 1 once a finite stream ended.
-    current, first, furthest, ended = (tf.constant(k, tf.int64) for k in (0, 1, 2, 3))
-
-    tags = np.arange(n, dtype=np.int64) * classes + split.labels.astype(np.int64)
+    tracker = _DecodeTracker(split, training=training, finite=not (training and repeat))
+    tags = np.arange(tracker.n, dtype=np.int64) * tracker.classes + split.labels.astype(np.int64)
     ds = tf.data.Dataset.from_tensor_slices((list(split.paths), tags))
     if training and not cache:
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-
-    def decode(path, tag):
-        contents = tf.io.read_file(path)
-        checks = []
-        if check_sizes:
-            height, width = _encoded_size(contents)
-            checks = [tf.debugging.assert_less_equal(height * width, tf.constant(max_pixels, tf.int64))]
-        with tf.control_dependencies(checks):
-            image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
-        return tf.ensure_shape(image, [None, None, 3]), tag
-
-    def nothing_but(effect, like):
-        """A dataset shaped like ``like`` that yields nothing; ``effect`` runs when it is reached."""
-
-        def run(*_):
-            with tf.control_dependencies(effect()):
-                return tf.constant(False)
-
-        dummy = tf.nest.map_structure(lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), like.element_spec)
-        return tf.data.Dataset.from_tensors(dummy).filter(run)
-
+    decode = _decoder(max_pixels if not split.sizes_checked else None)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     if training and cache:
         ds = ds.cache().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
     if training:  # each iteration numbers its passes above all earlier ones
+        ds = _nothing_but(tracker.restart, ds).concatenate(ds)
+    audit._watch(lambda: [(split.paths[i], max_pixels) for i in np.flatnonzero(tracker.failed())])
+    return ds, tracker.finish
 
-        def restart():
-            k = tf.reshape(marks.lookup(current), []) + 1  # a table's lookup has no static shape
-            return [marks.insert(current, k), marks.insert(first, k)]
 
-        ds = nothing_but(restart, ds).concatenate(ds)
+def _decoder(max_pixels):
+    """``(path, tag) -> (uint8 HWC image, tag)``; with ``max_pixels``, a larger image fails from its header."""
+    tf = import_tf()
 
-    def note(images, batch_tags):
-        indices = batch_tags // classes
-        if training:
-            now = tf.reshape(marks.lookup(current), [])
+    def decode(path, tag):
+        contents = tf.io.read_file(path)
+        checks = []
+        if max_pixels is not None:
+            height, width = _encoded_size(contents)
+            checks = [tf.debugging.assert_less_equal(height * width, tf.constant(max_pixels, tf.int64))]
+        with tf.control_dependencies(checks):
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+        return tf.ensure_shape(image, [None, None, 3]), tag
+
+    return decode
+
+
+def _nothing_but(effect, like):
+    """A dataset shaped like ``like`` that yields nothing; ``effect`` runs when it is reached."""
+    tf = import_tf()
+
+    def run(*_):
+        with tf.control_dependencies(effect()):
+            return tf.constant(False)
+
+    dummy = tf.nest.map_structure(lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), like.element_spec)
+    return tf.data.Dataset.from_tensors(dummy).filter(run)
+
+
+class _DecodeTracker:
+    """Which files of a split came out of its stream, so that those that failed to decode can be named.
+
+    Each batch notes, in a table, the last pass in which each of its files came out; the batches
+    come in decode order, so a file missing from a finished pass (or, unshuffled, from the part
+    before the furthest file batched) failed. A shuffled pass holds each file once, so a batch
+    tells the passes apart: a file already seen in the current pass opens the next one.
+    """
+
+    # Keys of ``marks``. Training: the current pass, and the first pass of this iteration; evaluation: the
+    # furthest index batched; both: 1 once a finite stream ended.
+    CURRENT, FIRST, FURTHEST, ENDED = 0, 1, 2, 3
+
+    def __init__(self, split, *, training, finite):
+        tf = import_tf()
+        self.n, self.classes = len(split.paths), int(split.labels.max()) + 1
+        self.training, self.finite = training, finite
+        self.seen = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)  # index -> pass
+        self.marks = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+        self.keys = [tf.constant(k, tf.int64) for k in (self.CURRENT, self.FIRST, self.FURTHEST, self.ENDED)]
+
+    def restart(self):
+        """The effects that open a new iteration of a training stream."""
+        current, first = self.keys[self.CURRENT], self.keys[self.FIRST]
+        k = import_tf().reshape(self.marks.lookup(current), []) + 1  # a table's lookup has no static shape
+        return [self.marks.insert(current, k), self.marks.insert(first, k)]
+
+    def note(self, images, batch_tags):
+        tf = import_tf()
+        indices = batch_tags // self.classes
+        current, furthest = self.keys[self.CURRENT], self.keys[self.FURTHEST]
+        if self.training:
+            now = tf.reshape(self.marks.lookup(current), [])
             earlier = tf.linalg.band_part(tf.ones([tf.size(indices)] * 2, tf.bool), -1, 0)  # j <= i
             repeats = tf.logical_and(tf.equal(indices[:, None], indices[None, :]), earlier)
             # A file's k-th appearance in this batch is in the k-th pass from now, one more if it was seen in this one.
             passes = now + tf.reduce_sum(tf.cast(repeats, tf.int64), axis=1) - 1
-            passes += tf.cast(tf.equal(seen.lookup(indices), now), tf.int64)
-            with tf.control_dependencies([seen.insert(indices, passes)]):
-                moved = marks.insert(current, tf.reduce_max(passes))
+            passes += tf.cast(tf.equal(self.seen.lookup(indices), now), tf.int64)
+            with tf.control_dependencies([self.seen.insert(indices, passes)]):
+                moved = self.marks.insert(current, tf.reduce_max(passes))
         else:
-            with tf.control_dependencies([seen.insert(indices, tf.zeros_like(indices))]):
-                moved = marks.insert(furthest, tf.maximum(marks.lookup(furthest), tf.reduce_max(indices)))
+            with tf.control_dependencies([self.seen.insert(indices, tf.zeros_like(indices))]):
+                moved = self.marks.insert(furthest, tf.maximum(self.marks.lookup(furthest), tf.reduce_max(indices)))
         with tf.control_dependencies([moved]):
-            return tf.identity(images), tf.cast(batch_tags % classes, tf.int32)
+            return tf.identity(images), tf.cast(batch_tags % self.classes, tf.int32)
 
-    def finish(images, batch_size, drop_remainder):
+    def finish(self, images, batch_size, drop_remainder):
         """Batch, note each batch in order, and only then drop a last partial batch (it must be noted)."""
-        drop_later = drop_remainder and finite
+        tf = import_tf()
+        drop_later = drop_remainder and self.finite
         batched = images.batch(
             batch_size,
             drop_remainder=drop_remainder and not drop_later,
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        batched = batched.map(note)  # one batch at a time
-        if finite:
-            batched = batched.concatenate(nothing_but(lambda: [marks.insert(ended, tf.constant(1, tf.int64))], batched))
+        batched = batched.map(self.note)  # one batch at a time
+        if self.finite:
+            ended = lambda: [self.marks.insert(self.keys[self.ENDED], tf.constant(1, tf.int64))]  # noqa: E731
+            batched = batched.concatenate(_nothing_but(ended, batched))
         if drop_later:
             batched = batched.filter(lambda x, y: tf.equal(tf.size(y), batch_size))
             batched = batched.map(
@@ -218,22 +243,20 @@ def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, b
             )
         return batched
 
-    def watcher():
+    def failed(self):
+        """A boolean mask over the split's files: those that should have come out by now and did not."""
         # The marks first: every image before them has been noted by the time they are read.
-        mark_keys, mark_values = (t.numpy().tolist() for t in marks.export())
+        mark_keys, mark_values = (t.numpy().tolist() for t in self.marks.export())
         mark = dict(zip(mark_keys, mark_values, strict=True))
-        indices, passes = (t.numpy() for t in seen.export())
-        last = np.full(n, -1, np.int64)
+        indices, passes = (t.numpy() for t in self.seen.export())
+        last = np.full(self.n, -1, np.int64)
         last[indices] = passes
-        failed = (last < 0) if mark.get(3) == 1 else np.zeros(n, bool)
-        if not training:
-            failed |= (np.arange(n) <= mark.get(2, -1)) & (last < 0)
-        elif mark.get(0, -1) - 1 >= mark.get(1, 0):  # a pass of this iteration has ended
-            failed |= last < mark[0] - 1
-        return [(split.paths[i], max_pixels) for i in np.flatnonzero(failed)]
-
-    audit._watch(watcher)
-    return ds, finish
+        failed = (last < 0) if mark.get(self.ENDED) == 1 else np.zeros(self.n, bool)
+        if not self.training:
+            failed |= (np.arange(self.n) <= mark.get(self.FURTHEST, -1)) & (last < 0)
+        elif mark.get(self.CURRENT, -1) - 1 >= mark.get(self.FIRST, 0):  # a pass of this iteration has ended
+            failed |= last < mark[self.CURRENT] - 1
+        return failed
 
 
 def _to_rgb(image):
