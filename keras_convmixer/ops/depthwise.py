@@ -38,6 +38,25 @@ AUTO_IMPL = {
     ("jax", "cpu"): "xla",
 }
 
+# Block sizes of the Pallas kernels ("fast"), keyed by jax.devices()[0].device_kind.
+# Each entry must carry the date, the command and the figure it was chosen by
+# (benchmarks/gpu_check.py runs the sweep). No GPU has run the current kernels yet,
+# so there are no entries: every device uses DEFAULT_PALLAS_BLOCKS, which is a guess
+# (4 rows of 32 positions x 32 channels = 16 KB of float32 accumulators per program,
+# 4 warps), not a measurement.
+PALLAS_BLOCKS = {}
+DEFAULT_PALLAS_BLOCKS = dict(block_p=128, block_c=32, num_warps=4, num_stages=2, images_per_group=8)
+
+
+def pallas_blocks(device_kind=None):
+    """The Pallas block configuration for ``device_kind`` (default: the first JAX device's)."""
+    if device_kind is None:
+        import jax
+
+        device_kind = jax.devices()[0].device_kind
+    return dict(PALLAS_BLOCKS.get(device_kind, DEFAULT_PALLAS_BLOCKS))
+
+
 # Implementations that exist on the JAX backend only.
 _JAX_ONLY = ("fast", "xla")
 

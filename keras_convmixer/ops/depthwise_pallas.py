@@ -1,51 +1,53 @@
-"""Depthwise "same" convolution as JAX Pallas kernels, with a custom VJP.
+"""Depthwise "same" convolution as JAX Pallas kernels (Triton lowering), with a custom VJP.
 
 Imported only under the JAX backend (it imports ``jax`` at the top).
 
-Why a kernel: XLA runs a large-kernel depthwise convolution as a grouped
-convolution far from the memory-bandwidth bound on GPUs (39 ms forward+backward
-has been reported on an H100 at ConvMixer-1536/20's shapes, against a bound
-under 1 ms; not measured by us). The op is memory-bound (k*k multiply-adds per
-element), so the kernels read each input row from device memory about once,
-accumulate the k*k taps in float32 registers and write each output once.
+Why these kernels: the op is memory-bound (k*k multiply-adds per element read), so a
+kernel should read x about once from device memory, keep the taps in float32 registers
+and write y once. The first version (``depthwise_pallas_v1``, kept for comparison)
+padded x with ``jnp.pad`` first, streamed ``block_h + k - 1`` rows per block and threw
+away the halo rows' partial sums (twice the arithmetic at k9, block_h 8), and reduced
+dkernel with 81 cross-lane sums per row over few programs.
 
-Tiling (one program per (image, block of ``block_h`` output rows, block of
-``block_c`` channels)); channels-last makes a [width, block_c] row slice
-contiguous in ``block_c``, so loads are coalesced along channels:
+Layout: x is viewed as ``[N, H*W, C]`` (a free reshape). A program owns a tile of
+``block_p`` consecutive flattened positions (any H and W: no power-of-two padding of the
+width, and only the last tile of an image is partly masked) times ``block_c``
+contiguous channels, so every load is coalesced along channels.
 
-* forward / dx: the program streams the ``block_h + k - 1`` input rows its
-  output rows need (the halo) through a line buffer of k float32 row
-  accumulators. Each input row is loaded once per horizontal tap (k shifted
-  loads of the same row, which hit cache) and added into all k output rows
-  that use it; the row that is complete is written and a fresh one enters.
-  Device-memory reads are (block_h + k - 1) / block_h times x, not k*k times.
-* dx is the same correlation of dy with the spatially flipped kernel and the
-  opposite padding, so it reuses the forward kernel.
-* dkernel / dbias: one program per (channel block, group of images) walks its
-  output rows, and for every tap adds ``sum_w(x_shifted * dy)`` into a
-  [block_c] float32 accumulator (k*k of them, plus one for dbias). The small
-  per-group partial sums are added by XLA afterwards; grouping images keeps
-  enough programs in flight without an atomic add.
+* forward (``_conv_kernel``): the float32 accumulator starts as the bias; each of the
+  k*k taps is one masked load of the tile shifted by ``(i - before) * W + (j - before)``
+  positions (a neighbour that falls outside the image is masked to zero: the "same"
+  padding, without a pad pass) times one weight vector. Nothing outside the tile is
+  computed. The k*k shifted loads of one tile overlap, so they are served by cache.
+* dx is the same kernel on dy with the spatially flipped filter and the padding swapped
+  (no bias).
+* dkernel + dbias (``_grad_kernel``): one program per (channel block, position block,
+  image group) loads dy's tile once per image and, for every tap, adds
+  ``sum_p(x_shifted * dy)`` into a ``[block_c]`` float32 accumulator. Each program writes
+  its own partial sums; XLA adds them afterwards in a fixed order. There are no atomics,
+  so the result is deterministic.
 
-Inputs are zero-padded by the wrapper so that every load is in bounds; width
-is padded to a power of two because Triton blocks must have power-of-two
-shapes. That costs one extra pass over x (masked loads would remove it).
-Block sizes are defaults that have not been tuned on a GPU.
+Masked loads use spatial indices clamped into the image (out-of-image lanes read a
+valid address and are then masked), because Pallas's interpreter returns NaN for some
+out-of-range starts and the GPU never needs to touch those addresses. Channel indices
+are masked, not clamped, so that Triton can still see their contiguity. Stores are never
+clamped (a clamped store would write one element twice). Every element of every output
+is written, since Pallas outputs start as garbage.
+
+Block sizes come from ``keras_convmixer.ops.depthwise.pallas_blocks`` (one table beside
+``AUTO_IMPL``, keyed by device kind).
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-DEFAULT_BLOCK_H = 8
-DEFAULT_BLOCK_C = 32
-# Images per dkernel program; more groups = more parallel programs, more partial sums.
-DEFAULT_IMAGES_PER_GROUP = 4
-# Triton warps per program: the forward's k accumulators of [width, block_c]
-# float32 need 4+ warps at width 32 to stay in registers.
-DEFAULT_NUM_WARPS = 4
+# The keys of a block configuration (see keras_convmixer.ops.depthwise.DEFAULT_PALLAS_BLOCKS).
+BLOCK_KEYS = ("block_p", "block_c", "num_warps", "num_stages", "images_per_group")
 
 
 def same_padding(k):
@@ -53,179 +55,222 @@ def same_padding(k):
     return (k - 1) // 2, k // 2
 
 
-def _round_up(n, m):
-    return -(-n // m) * m
-
-
 def default_interpret():
-    # Pallas's Triton lowering needs a GPU; on CPU run the same kernels in the
+    # The Triton lowering needs a GPU; on CPU the same kernels run in Pallas's
     # interpreter (correct but slow: it exists for tests).
     return jax.default_backend() == "cpu"
 
 
-def _launch_options(name, interpret):
-    """pallas_call options: the interpreter, or explicit Triton settings for a GPU."""
+def _launch_options(name, blocks, interpret):
     if interpret:
         return dict(interpret=True, name=name)
-    from jax.experimental.pallas import triton as pl_triton
+    params = plgpu.CompilerParams(num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
+    return dict(name=name, compiler_params=params)
 
-    return dict(name=name, compiler_params=pl_triton.CompilerParams(num_warps=DEFAULT_NUM_WARPS, num_stages=1))
+
+def _fit_blocks(blocks, positions, channels):
+    """Triton blocks must be powers of two; never larger than the problem needs."""
+    fitted = dict(blocks)
+    fitted["block_p"] = min(blocks["block_p"], pl.next_power_of_2(positions))
+    fitted["block_c"] = min(blocks["block_c"], pl.next_power_of_2(channels))
+    return fitted
 
 
-def _conv_kernel(x_ref, w_ref, b_ref, o_ref, *, k, block_h, block_w, block_c):
-    """out[n, h0:h0+bh, :bw, c0:c0+bc] = sum_taps xpad[...] * w[tap] + b, as a line buffer."""
+class _Tile:
+    """Indices of one program's [block_p, block_c] tile, and its shifted window loads."""
+
+    def __init__(self, p_block, c_block, *, height, width, channels, block_p, block_c):
+        self.height, self.width = height, width
+        self.q = p_block * block_p + jnp.arange(block_p, dtype=jnp.int32)
+        # lax.div/rem rather than // and %: q >= 0, and jnp's floor-division sign
+        # fix-up does not lower to Triton.
+        self.h = lax.div(self.q, jnp.int32(width))
+        self.w = lax.rem(self.q, jnp.int32(width))
+        self.c = c_block * block_c + jnp.arange(block_c, dtype=jnp.int32)
+        self.c_ok = self.c < channels
+        self.q_ok = self.q < height * width
+
+    def mask(self, rows_ok):
+        return rows_ok[:, None] & self.c_ok[None, :]
+
+    def load(self, ref, n, rows, rows_ok):
+        """ref[n, rows, c] as float32, zero where a row or channel is masked."""
+        value = plgpu.load(ref.at[n, rows[:, None], self.c[None, :]], mask=self.mask(rows_ok), other=0)
+        return value.astype(jnp.float32)
+
+    def load_shifted(self, ref, n, di, dj):
+        """The tile shifted by (di, dj) pixels, zero outside the image ("same" padding)."""
+        hi, wj = self.h + di, self.w + dj
+        ok = self.q_ok & (hi >= 0) & (hi < self.height) & (wj >= 0) & (wj < self.width)
+        src = jnp.minimum(jnp.maximum(self.q + (di * self.width + dj), 0), self.height * self.width - 1)
+        return self.load(ref, n, src, ok)
+
+    def load_vector(self, ref, *lead):
+        """ref[*lead, c] as float32 (a weight or bias vector)."""
+        return plgpu.load(ref.at[(*lead, self.c)], mask=self.c_ok, other=0).astype(jnp.float32)
+
+
+def _conv_kernel(*refs, k, before, height, width, channels, block_p, block_c, has_bias):
+    """y[n, tile] = bias + sum_{i,j} x[n, tile shifted by (i - before, j - before)] * w[i, j]."""
+    if has_bias:
+        x_ref, w_ref, b_ref, o_ref = refs
+    else:
+        (x_ref, w_ref, o_ref), b_ref = refs, None
     n = pl.program_id(0)
-    h0 = pl.program_id(1) * block_h
-    c0 = pl.program_id(2) * block_c
-    cs = pl.ds(c0, block_c)
-    weights = [[w_ref[i, j, cs].astype(jnp.float32)[None, :] for j in range(k)] for i in range(k)]
-    fresh = jnp.zeros((block_w, block_c), jnp.float32) + b_ref[cs].astype(jnp.float32)[None, :]
-
-    # acc[i] holds output row h0 + r - i, which still needs kernel rows > i.
-    # Input row r is loaded once (k column shifts) and feeds all k of them;
-    # acc[k-1] is then complete and leaves, and a fresh row enters.
-    def body(r, acc):
-        shifted = [x_ref[n, h0 + r, pl.ds(j, block_w), cs].astype(jnp.float32) for j in range(k)]
-        acc = list(acc)
-        for i in range(k):
-            for j in range(k):
-                acc[i] = acc[i] + shifted[j] * weights[i][j]
-        done = r - (k - 1)
-
-        @pl.when(done >= 0)
-        def _():
-            o_ref[n, h0 + done, :, cs] = acc[k - 1].astype(o_ref.dtype)
-
-        return (fresh, *acc[:-1])
-
-    jax.lax.fori_loop(0, block_h + k - 1, body, (fresh,) * k)
-
-
-def _correlate(x, w, b, pad, block_h, block_c, interpret):
-    """Correlation of x [N,H,W,C] with w [k,k,C] (plus b [C]) under spatial padding ``pad``."""
-    n, h, w_in, c = x.shape
-    k = w.shape[0]
-    before, after = pad
-    block_c = min(block_c, pl.next_power_of_2(c))
-    block_w = pl.next_power_of_2(w_in)
-    h_out = _round_up(h, block_h)
-    c_pad = _round_up(c, block_c)
-    xp = jnp.pad(
-        x,
-        (
-            (0, 0),
-            (before, h_out - h + after),
-            (before, block_w - w_in + after),
-            (0, c_pad - c),
-        ),
+    tile = _Tile(
+        pl.program_id(1),
+        pl.program_id(2),
+        height=height,
+        width=width,
+        channels=channels,
+        block_p=block_p,
+        block_c=block_c,
     )
-    wp = jnp.pad(w, ((0, 0), (0, 0), (0, c_pad - c)))
-    bp = jnp.pad(b, (0, c_pad - c))
-    kernel = functools.partial(_conv_kernel, k=k, block_h=block_h, block_w=block_w, block_c=block_c)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((n, h_out, block_w, c_pad), x.dtype),
-        grid=(n, h_out // block_h, c_pad // block_c),
-        **_launch_options("depthwise_conv2d", interpret),
-    )(xp, wp, bp)
-    return out[:, :h, :w_in, :c]
-
-
-def _grad_kernel(x_ref, dy_ref, dw_ref, db_ref, *, k, height, images, block_w, block_c):
-    """Per-group partial sums: dw[g, i, j, c] = sum x_pad[n, h+i, w+j, c] * dy[n, h, w, c]."""
-    c0 = pl.program_id(0) * block_c
-    g = pl.program_id(1)
-    cs = pl.ds(c0, block_c)
-
-    def body(step, carry):
-        taps, bias_acc = carry
-        # lax.div/rem, not // and %: step >= 0, and jnp's floor-mod sign fix-up
-        # does not lower to Triton.
-        n = g * images + jax.lax.div(step, height)
-        h = jax.lax.rem(step, height)
-        dy = dy_ref[n, h, :, cs].astype(jnp.float32)
-        new_taps = []
-        for i in range(k):
-            for j in range(k):
-                row = x_ref[n, h + i, pl.ds(j, block_w), cs].astype(jnp.float32)
-                new_taps.append(taps[i * k + j] + jnp.sum(row * dy, axis=0))
-        return tuple(new_taps), bias_acc + jnp.sum(dy, axis=0)
-
-    zero = jnp.zeros((block_c,), jnp.float32)
-    taps, bias_acc = jax.lax.fori_loop(0, images * height, body, ((zero,) * (k * k), zero))
+    acc = jnp.zeros((block_p, block_c), jnp.float32)
+    if has_bias:
+        acc = acc + tile.load_vector(b_ref)[None, :]
     for i in range(k):
         for j in range(k):
-            dw_ref[g, i, j, cs] = taps[i * k + j]
-    db_ref[g, cs] = bias_acc
+            acc = acc + tile.load_shifted(x_ref, n, i - before, j - before) * tile.load_vector(w_ref, i, j)[None, :]
+    plgpu.store(o_ref.at[n, tile.q[:, None], tile.c[None, :]], acc.astype(o_ref.dtype), mask=tile.mask(tile.q_ok))
 
 
-def _kernel_grads(x, dy, k, pad, block_c, images_per_group, interpret):
-    """(dkernel [k,k,C], dbias [C]) in float32."""
-    n, h, w_in, c = x.shape
-    before, after = pad
-    block_c = min(block_c, pl.next_power_of_2(c))
-    block_w = pl.next_power_of_2(w_in)
-    c_pad = _round_up(c, block_c)
-    images = min(images_per_group, n)
-    n_pad = _round_up(n, images)
-    groups = n_pad // images
-    # Zero dy outside the real output, so padded positions add nothing.
-    xp = jnp.pad(x, ((0, n_pad - n), (before, after), (before, block_w - w_in + after), (0, c_pad - c)))
-    dyp = jnp.pad(dy, ((0, n_pad - n), (0, 0), (0, block_w - w_in), (0, c_pad - c)))
-    kernel = functools.partial(_grad_kernel, k=k, height=h, images=images, block_w=block_w, block_c=block_c)
+def _correlate(x, w, b, before, blocks, interpret):
+    """Correlation of x [N, H, W, C] with w [k, k, C] (plus b [C] unless None), taps offset by -before."""
+    n, height, width, channels = x.shape
+    k = w.shape[0]
+    blocks = _fit_blocks(blocks, height * width, channels)
+    kernel = functools.partial(
+        _conv_kernel,
+        k=k,
+        before=before,
+        height=height,
+        width=width,
+        channels=channels,
+        block_p=blocks["block_p"],
+        block_c=blocks["block_c"],
+        has_bias=b is not None,
+    )
+    grid = (n, pl.cdiv(height * width, blocks["block_p"]), pl.cdiv(channels, blocks["block_c"]))
+    operands = (x.reshape(n, height * width, channels), w) + ((b,) if b is not None else ())
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, height * width, channels), x.dtype),
+        grid=grid,
+        **_launch_options("depthwise_conv2d_fwd", blocks, interpret),
+    )(*operands)
+    return out.reshape(x.shape)
+
+
+def _grad_kernel(x_ref, dy_ref, dw_ref, db_ref, *, k, before, height, width, channels, batch, images, **blocks):
+    """Partial sums of one (channel block, position block, image group):
+    dw[i, j] += sum_p x[n, p shifted by (i - before, j - before)] * dy[n, p]; db += sum_p dy[n, p]."""
+    tile = _Tile(
+        pl.program_id(1),
+        pl.program_id(0),
+        height=height,
+        width=width,
+        channels=channels,
+        block_p=blocks["block_p"],
+        block_c=blocks["block_c"],
+    )
+    group = pl.program_id(2)
+
+    def add_image(t, carry):
+        taps, bias_sum = carry
+        n = group * images + t
+        # An image past the batch (last group) is clamped to a real one and masked out.
+        real = n < batch
+        n = jnp.minimum(n, batch - 1)
+        dy = tile.load(dy_ref, n, tile.q, tile.q_ok & real)
+        new_taps = tuple(
+            taps[i * k + j] + jnp.sum(tile.load_shifted(x_ref, n, i - before, j - before) * dy, axis=0)
+            for i in range(k)
+            for j in range(k)
+        )
+        return new_taps, bias_sum + jnp.sum(dy, axis=0)
+
+    zero = jnp.zeros((blocks["block_c"],), jnp.float32)
+    taps, bias_sum = lax.fori_loop(0, images, add_image, ((zero,) * (k * k), zero))
+    # One row of partial sums per program: row = group * position_blocks + position block.
+    row = group * pl.num_programs(1) + pl.program_id(1)
+    for t in range(k * k):
+        plgpu.store(dw_ref.at[row, t, tile.c], taps[t], mask=tile.c_ok)
+    plgpu.store(db_ref.at[row, tile.c], bias_sum, mask=tile.c_ok)
+
+
+def _kernel_grads(x, dy, k, before, blocks, interpret):
+    """(dkernel [k, k, C], dbias [C]) in float32."""
+    n, height, width, channels = x.shape
+    blocks = _fit_blocks(blocks, height * width, channels)
+    images = max(1, min(blocks["images_per_group"], n))
+    groups = pl.cdiv(n, images)
+    p_blocks = pl.cdiv(height * width, blocks["block_p"])
+    kernel = functools.partial(
+        _grad_kernel,
+        k=k,
+        before=before,
+        height=height,
+        width=width,
+        channels=channels,
+        batch=n,
+        images=images,
+        block_p=blocks["block_p"],
+        block_c=blocks["block_c"],
+    )
+    flat = (n, height * width, channels)
     dw_parts, db_parts = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((groups, k, k, c_pad), jnp.float32),
-            jax.ShapeDtypeStruct((groups, c_pad), jnp.float32),
+            jax.ShapeDtypeStruct((groups * p_blocks, k * k, channels), jnp.float32),
+            jax.ShapeDtypeStruct((groups * p_blocks, channels), jnp.float32),
         ),
-        grid=(c_pad // block_c, groups),
-        **_launch_options("depthwise_conv2d_kernel_grad", interpret),
-    )(xp, dyp)
-    return jnp.sum(dw_parts, axis=0)[..., :c], jnp.sum(db_parts, axis=0)[:c]
+        grid=(pl.cdiv(channels, blocks["block_c"]), p_blocks, groups),
+        **_launch_options("depthwise_conv2d_dkernel", blocks, interpret),
+    )(x.reshape(flat), dy.reshape(flat))
+    return jnp.sum(dw_parts, axis=0).reshape(k, k, channels), jnp.sum(db_parts, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _depthwise(x, kernel, bias, block_h, block_c, images_per_group, interpret):
-    return _correlate(x, kernel, bias, same_padding(kernel.shape[0]), block_h, block_c, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _depthwise(x, kernel, bias, blocks, interpret):
+    return _correlate(x, kernel, bias, same_padding(kernel.shape[0])[0], dict(blocks), interpret)
 
 
-def _depthwise_fwd(x, kernel, bias, block_h, block_c, images_per_group, interpret):
-    out = _depthwise(x, kernel, bias, block_h, block_c, images_per_group, interpret)
-    return out, (x, kernel, bias)
+def _depthwise_fwd(x, kernel, bias, blocks, interpret):
+    return _depthwise(x, kernel, bias, blocks, interpret), (x, kernel, bias)
 
 
-def _depthwise_bwd(block_h, block_c, images_per_group, interpret, residuals, dy):
+def _depthwise_bwd(blocks, interpret, residuals, dy):
     x, kernel, bias = residuals
-    k = kernel.shape[0]
-    before, after = same_padding(k)
-    # dx is the correlation of dy with the flipped kernel and swapped padding.
-    flipped = kernel[::-1, ::-1, :]
-    no_bias = jnp.zeros_like(bias)
-    dx = _correlate(dy.astype(x.dtype), flipped, no_bias, (after, before), block_h, block_c, interpret)
-    dkernel, dbias = _kernel_grads(x, dy, k, (before, after), block_c, images_per_group, interpret)
+    blocks = dict(blocks)
+    before, after = same_padding(kernel.shape[0])
+    # dx is the correlation of dy with the flipped filter, the padding swapped.
+    dx = _correlate(dy.astype(x.dtype), kernel[::-1, ::-1, :], None, after, blocks, interpret)
+    dkernel, dbias = _kernel_grads(x, dy, kernel.shape[0], before, blocks, interpret)
     return dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def depthwise_conv2d_pallas(
-    x,
-    kernel,
-    bias,
-    *,
-    block_h=DEFAULT_BLOCK_H,
-    block_c=DEFAULT_BLOCK_C,
-    images_per_group=DEFAULT_IMAGES_PER_GROUP,
-    interpret=None,
-):
-    """Depthwise "same" convolution of x [N,H,W,C] with kernel [k,k,C] and bias [C].
+def depthwise_conv2d_pallas(x, kernel, bias, *, blocks=None, interpret=None):
+    """Depthwise "same" convolution of x [N, H, W, C] with kernel [k, k, C] and bias [C].
 
     Differentiable in x, kernel and bias; accumulates in float32 and returns x's dtype.
-    ``interpret=None`` uses Pallas's interpreter on CPU and the Triton lowering on GPU;
-    ``False`` forces the Triton lowering (e.g. to export for a GPU from a CPU machine).
+    ``blocks``: a dict with the keys of ``BLOCK_KEYS`` (default: this device's entry of
+    ``keras_convmixer.ops.depthwise.PALLAS_BLOCKS``). ``interpret=None`` uses Pallas's
+    interpreter on CPU and the Triton lowering on GPU; ``False`` forces the Triton
+    lowering (e.g. to lower for a GPU from a CPU machine).
     """
+    if blocks is None:
+        from keras_convmixer.ops.depthwise import pallas_blocks
+
+        blocks = pallas_blocks()
+    missing = [key for key in BLOCK_KEYS if key not in blocks]
+    if missing:
+        raise ValueError(f"blocks is missing {missing}; it needs {BLOCK_KEYS}.")
     if interpret is None:
         interpret = default_interpret()
-    return _depthwise(x, kernel, bias, block_h, block_c, images_per_group, bool(interpret))
+    # A hashable, ordered form: custom_vjp's non-differentiable arguments are static.
+    frozen = tuple((key, int(blocks[key])) for key in BLOCK_KEYS)
+    return _depthwise(x, kernel, bias, frozen, bool(interpret))
