@@ -38,7 +38,7 @@ def compare_one(name, batch_size, image_size, seed=0):
     import torch
     from safetensors.torch import save_file
 
-    from keras_convmixer import convert
+    from keras_convmixer import conversion, presets
 
     torch.manual_seed(seed)
     reference = timm.create_model(name, pretrained=False).eval()
@@ -54,10 +54,10 @@ def compare_one(name, batch_size, image_size, seed=0):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.safetensors")
         save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
-        model, arch = convert.build_from_checkpoint(path, variant=name, image_size=image_size)
+        model, arch = conversion.build_from_checkpoint(path, variant=name, image_size=image_size)
 
     pixels = np.random.default_rng(seed).uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
-    preset = convert.checkpoint_eval_preset(arch["variant"])
+    preset = presets.eval_transform(arch["variant"])
     mean = np.array(preset["mean"], "float32") * 255.0
     std = np.array(preset["std"], "float32") * 255.0
     # timm takes normalised NCHW input; our model normalises raw pixels itself.

@@ -19,13 +19,10 @@ import zipfile
 
 import numpy as np
 
-from keras_convmixer import presets, rundir
+from keras_convmixer import presets, pretrained, rundir, structure
 from keras_convmixer.errors import first_line
 
-DEFAULT_IMAGE_SIZE = 224
-# What a model file that records no eval transform is evaluated with: the whole image, resized.
-NEUTRAL_CROP_PCT = 1.0
-NEUTRAL_INTERPOLATION = "bilinear"
+DEFAULT_IMAGE_SIZE = presets.UNNAMED_EVAL["image_size"]
 SAVEDMODEL_TRUST_MESSAGE = (
     "a SavedModel runs its own TensorFlow graph, which can read and write files: pass --trust-savedmodel "
     "(trust_savedmodel=True) only for SavedModels you exported yourself or trust"
@@ -50,11 +47,11 @@ class ModelBundle:
 
     @property
     def crop_pct(self):
-        return float(self.config.get("crop_pct") or NEUTRAL_CROP_PCT)
+        return float(self.config.get("crop_pct") or presets.eval_transform(self.config.get("model"))["crop_pct"])
 
     @property
     def interpolation(self):
-        return self.config.get("interpolation") or NEUTRAL_INTERPOLATION
+        return self.config.get("interpolation") or presets.eval_transform(self.config.get("model"))["interpolation"]
 
     @property
     def class_names(self):
@@ -114,9 +111,7 @@ def open_model(path, *, trust_savedmodel=False):
             f"{path!r} is neither a run dir (config.json + best.keras) nor a SavedModel (saved_model.pb)."
         )
     if path.endswith(".keras"):
-        config_file = os.path.join(os.path.dirname(path), rundir.CONFIG)
-        config = rundir.read_json(config_file) if os.path.isfile(config_file) else {}
-        return _bundle(_load_keras(path), path, config, kind="keras", source=path)
+        return _bundle(_load_keras(path), path, pretrained.saved_config(path), kind="keras", source=path)
     raise ModelPathError(f"{path!r} is not a .keras file, a run dir or a SavedModel dir.")
 
 
@@ -166,44 +161,27 @@ def _bundle(model, model_file, config, kind, source):
 def _complete_config(config, model):
     """Fill what a bare ``.keras`` file does not say with its own shapes and neutral defaults."""
     config = dict(config)
-    if not _has_layer(model, "head"):
+    if not structure.has_layer(model, structure.HEAD):
         raise ModelPathError(f"Model {model.name!r} is not a ConvMixer classifier (it has no 'head' layer).")
-    num_classes = int(model.get_layer("head").units)
+    num_classes = int(model.get_layer(structure.HEAD).units)
     if not config.get("image_size"):
         size = model.input_shape[1]
         config["image_size"] = int(size) if size else DEFAULT_IMAGE_SIZE
     if not config.get("class_names"):
-        config["class_names"] = _default_class_names(model.name, num_classes)
+        # A bare .keras file names no classes: a 1000-class ImageNet variant is taken to hold ImageNet's.
+        names = presets.default_class_names(model.name, num_classes)
+        config["class_names"] = names or [f"class_{i}" for i in range(num_classes)]
     if len(config["class_names"]) != num_classes:
         raise ModelPathError(
             f"config.json lists {len(config['class_names'])} class names but the model has {num_classes} outputs."
         )
     config.setdefault("num_classes", len(config["class_names"]))
     config.setdefault("model", model.name)
-    for key, value in _default_eval(config["model"]).items():
-        config.setdefault(key, value)
+    # A model that records no eval transform gets its variant's, or the one for an unnamed shape.
+    transform = presets.eval_transform(config["model"])
+    for key in ("crop_pct", "interpolation"):
+        config.setdefault(key, transform[key])
     return config
-
-
-def _default_class_names(name, num_classes):
-    """A bare ``.keras`` file names no classes. A released variant with 1000 outputs is taken to hold its
-    ImageNet weights (``ConvMixer768_32(weights="imagenet")`` saved as is), as keras.applications' models are;
-    any other model gets ``class_<i>``."""
-    if num_classes == 1000 and name in presets.PRETRAINED:
-        from keras_convmixer.imagenet import class_names
-
-        return class_names()
-    return [f"class_{i}" for i in range(num_classes)]
-
-
-def _default_eval(name):
-    """The eval transform of a named variant (a builder's model is named after it), as its published accuracy was
-    measured; the whole image, resized, for any other model."""
-    try:
-        preset = presets.eval_preset(name)
-    except ValueError:
-        return {"crop_pct": NEUTRAL_CROP_PCT, "interpolation": NEUTRAL_INTERPOLATION}
-    return {"crop_pct": preset["crop_pct"], "interpolation": preset["interpolation"]}
 
 
 def _open_saved_model(path):
@@ -225,10 +203,6 @@ def _open_saved_model(path):
     return ModelBundle(kind="savedmodel", source=path, config=config, saved_model=loaded)
 
 
-def _has_layer(model, name):
-    return any(layer.name == name for layer in model.layers)
-
-
 def logits_model(model):
     """``images -> (logits, pooled features)`` for a ConvMixer classifier.
 
@@ -238,9 +212,9 @@ def logits_model(model):
     """
     import keras
 
-    if not (_has_layer(model, "pool") and _has_layer(model, "head")):
+    if not (structure.has_layer(model, structure.POOL) and structure.has_layer(model, structure.HEAD)):
         raise ModelPathError(f"Model {model.name!r} is not a ConvMixer classifier (no 'pool' and 'head' layers).")
-    head = model.get_layer("head")
-    features = model.get_layer("pool").output
+    head = model.get_layer(structure.HEAD)
+    features = model.get_layer(structure.POOL).output
     logits = keras.ops.add(keras.ops.matmul(features, head.kernel), head.bias)
     return keras.Model(model.inputs, [logits, features], name=f"{model.name}_logits")

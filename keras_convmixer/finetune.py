@@ -5,9 +5,9 @@ the settings that follow it, ``load_backbone`` ports those weights in (the head 
 agree) and ``freeze_backbone`` turns the backbone into a fixed feature extractor.
 """
 
-import re
-
+from keras_convmixer import structure
 from keras_convmixer.models import ConvMixer, get_model
+from keras_convmixer.pretrained import load_resolved, resolve_weights
 from keras_convmixer.recipes import apply_weights_meta
 
 
@@ -17,9 +17,6 @@ def build_model(cfg):
     if cfg["model"] == "custom":
         return ConvMixer(**kwargs, name="convmixer")
     return get_model(cfg["model"], **kwargs)
-
-
-_BACKBONE_LAYER = re.compile(r"^(stem|block_\d+)$")
 
 
 def _variant(cfg):
@@ -35,7 +32,6 @@ def weights_source(weights):
 def follow_weights(cfg):
     """Set the settings that follow the pretrained weights (``cfg["from_weights"]``) to their metadata.
     Reads the weights (downloading or converting them once; later calls hit the cache)."""
-    from keras_convmixer.pretrained import resolve_weights
 
     resolved = resolve_weights(weights_source(cfg["weights"]), variant=_variant(cfg))
     apply_weights_meta(cfg, resolved.meta)
@@ -46,7 +42,6 @@ def load_backbone(classifier, cfg):
     """Copy the pretrained weights of ``cfg["weights"]`` into ``classifier`` (the head too when its classes
     agree: the same count, and the same names where both sides name them); returns the record config.json
     keeps: ``{source, sha256, head_loaded}``."""
-    from keras_convmixer.pretrained import load_resolved, resolve_weights
 
     source = weights_source(cfg["weights"])
     resolved = resolve_weights(source, variant=_variant(cfg))
@@ -60,7 +55,7 @@ def load_backbone(classifier, cfg):
 def freeze_backbone(classifier):
     """Make the stem and every block non-trainable (a linear probe): their weights stay as they are and
     their BatchNorm layers normalise with the moving statistics, also in training."""
-    frozen = [layer for layer in classifier.layers if _BACKBONE_LAYER.match(layer.name)]
+    frozen = structure.backbone_layers(classifier)
     if not frozen:
         raise ValueError(f"--freeze-backbone: {classifier.name} has no stem or block_<i> layers to freeze.")
     for layer in frozen:

@@ -15,9 +15,9 @@ import re
 
 import keras
 
-# The ConvMixer backbone, as variable paths of a model built by ``models.ConvMixer``: the patch
-# embedding and every block; the head (and anything else) keeps the full learning rate.
-BACKBONE_VARIABLES = r"^(stem|block_\d+)/"
+# The ConvMixer backbone (the patch embedding and every block) as variable paths; the head (and
+# anything else) keeps the full learning rate.
+from keras_convmixer.structure import BACKBONE_VARIABLES
 
 
 @keras.saving.register_keras_serializable(package="keras_convmixer")

@@ -1,43 +1,50 @@
 """Pretrained weights for ``weights=`` and fine-tuning: the Hugging Face Hub, local checkpoints and saved models.
 
-``resolve_weights(spec)`` turns ``"imagenet"``, ``"hf://owner/repo[@revision]"`` or a local path into a Keras
-``.weights.h5`` of the whole source model (head included) plus its architecture and evaluation metadata.
-Hub files are downloaded with ``huggingface_hub`` (so ``HF_HOME``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply),
-checked against the sha256 the Hub advertises, converted in memory and cached under
-``<KERAS_HOME or ~/.keras>/models/convmixer/`` with a JSON index; later calls read the cache with no network
-and no torch. ``load_pretrained(model, spec)`` copies the stem, every block and, when it fits, the head into a
-model built by ``ConvMixer``.
+``resolve_weights(spec)`` turns ``"imagenet"``, ``"hf://owner/repo[@revision]"`` or a local path into a
+``PretrainedWeights``: a cached file of the source's tensors in timm's names, its architecture and its evaluation
+metadata. Hub files are downloaded with ``huggingface_hub`` (so ``HF_HOME``, ``HF_ENDPOINT`` and
+``HF_HUB_OFFLINE`` apply) and checked against the sha256 the Hub advertises; every source is read once into the
+cache (``cache``), and later calls read the cache with no network and no torch. ``load_resolved`` ports those
+tensors into a model that already exists (the stem, every block and, when it fits, the head), so loading never
+builds a second model. ``parse_spec`` is the one check of a weights spec.
 
-This module imports neither Keras nor huggingface_hub until a function needs them.
+A leaf under the model builder: it imports neither ``models`` nor Keras nor huggingface_hub until a function
+needs them.
 """
 
-import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import re
 
-from keras_convmixer import presets, rundir
+from keras_convmixer import cache, convert, hub, presets, rundir, structure
 from keras_convmixer.errors import first_line
 
 logger = logging.getLogger(__name__)
 
-INDEX = "index.json"
 _HF_PREFIX = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".pt", ".bin", ".ckpt", ".tar")
-_IMAGENET_CLASSES = "imagenet-1k"  # stands for the 1000 packaged names in the index, which would be bulky
-_ARCH_KEYS = ("dim", "depth", "kernel_size", "patch_size")
+_EVAL_KEYS = ("mean", "std", "crop_pct", "interpolation", "image_size")
+_NUMBERED = re.compile(r"class_\d+")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSpec:
+    """A checked weights spec: ``kind`` is "imagenet", "hub" (``repo``, ``revision``), "keras_weights" (a bare
+    ``.weights.h5``, which only a model of the same architecture can load) or "path"."""
+
+    kind: str
+    text: str
+    repo: str | None = None
+    revision: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedWeights:
     """A resolved weights source.
 
-    ``source`` is the spec as given; ``sha256`` that of the source file; ``path`` a Keras ``.weights.h5`` of the
-    full source model (loadable by ``source_model(arch, meta)``); ``arch`` its dim, depth, kernel_size,
+    ``source`` is the spec as given; ``sha256`` that of the source file; ``path`` the cached ``.safetensors`` of
+    its tensors in timm's names (head included when it has one); ``arch`` its dim, depth, kernel_size,
     patch_size, activation and classes (None without a head); ``variant`` the registry key its shape matches
     (or None); ``meta`` its mean, std, crop_pct, interpolation, image_size and class_names (or None).
     """
@@ -50,83 +57,106 @@ class PretrainedWeights:
     meta: dict
 
 
-def cache_dir():
-    """Where converted weights are cached: ``$KERAS_HOME/models/convmixer`` (``~/.keras`` without KERAS_HOME)."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return os.path.join(home, "models", "convmixer")
+def parse_spec(spec):
+    """Check a ``weights=`` / ``--weights`` value and say what kind of source it is (one line otherwise)."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
+        raise ValueError(f"weights must be None, 'imagenet', 'hf://owner/repo' or a path, got {spec!r}.")
+    text = os.fspath(spec)
+    if text == "imagenet":
+        return WeightsSpec("imagenet", text)
+    if text.startswith(_HF_PREFIX):
+        repo, _, revision = text[len(_HF_PREFIX) :].partition("@")
+        if not _REPO_ID.match(repo) or (revision == "" and "@" in text):
+            raise ValueError(f"weights {text!r} is not 'hf://owner/repo' or 'hf://owner/repo@revision'.")
+        return WeightsSpec("hub", text, repo, revision or None)
+    return WeightsSpec("keras_weights" if text.endswith(".weights.h5") else "path", text)
 
 
-def pretrained_variants():
-    """The builders that ``weights="imagenet"`` works for."""
-    return [presets.public_name(key) for key in presets.PRETRAINED]
+# ----------------------------------------------------------------------------- what the weights bring
 
 
-def imagenet_variant(variant):
-    """The registry key of a variant with released ImageNet weights, or one line naming the ones that have them."""
-    key = presets.canonical_name(variant) if variant is not None else None
-    if key not in presets.PRETRAINED:
-        named = f"{presets.public_name(key)} has none" if key else "no variant was named"
-        raise ValueError(
-            f"weights='imagenet' exists for {', '.join(pretrained_variants())} only ({named}): "
-            "pass weights=None, a local path or 'hf://owner/repo'."
+def _meta(variant, classes, config=None):
+    """The evaluation metadata of weights of this variant (None: an unnamed shape) and head: the variant's eval
+    transform (``presets.eval_transform``), overridden by what a saved model's ``config`` records."""
+    transform = presets.eval_transform(variant)
+    meta = {k: transform[k] for k in _EVAL_KEYS}
+    config = config or {}
+    meta.update({k: config[k] for k in _EVAL_KEYS if config.get(k) is not None})
+    names = config.get("class_names")
+    named = names and not all(_NUMBERED.fullmatch(n) for n in names)
+    meta["class_names"] = list(names) if named else presets.default_class_names(variant, classes)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()}
+
+
+def declared_meta(spec, arch):
+    """The metadata ``spec`` brings into a model of architecture ``arch``, known before any tensor is read (so
+    that the model's normalisation can follow it): a checkpoint's is its variant's; a saved model's, what its
+    config.json records. None for a bare ``.weights.h5``."""
+    spec = parse_spec(spec)
+    if spec.kind == "keras_weights":
+        return None
+    config = None
+    if spec.kind == "path":
+        path = _existing(spec.text)
+        if os.path.isdir(path) or path.endswith(".keras"):
+            config = saved_config(path)
+    return _meta(presets.variant_of(arch), arch.get("classes"), config)
+
+
+def _existing(path):
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Weights {path!r} do not exist: pass 'imagenet', 'hf://owner/repo' or the path of a checkpoint, "
+            ".keras file or run directory."
         )
-    return key
+    return path
 
 
-def variant_for_arch(dim, depth, kernel_size, patch_size, activation=None):
-    """The variant with released weights whose architecture this is, or None."""
-    for key in presets.PRETRAINED:
-        row = presets.MODEL_CONFIGS[key]
-        same = all(row[k] == v for k, v in zip(_ARCH_KEYS, (dim, depth, kernel_size, patch_size), strict=True))
-        if same and (activation is None or row["activation"] == activation):
-            return key
-    return None
+def imagenet_for(arch, *, include_top, classes, name):
+    """The registry key whose released weights fit a model of ``arch`` (dim, depth, kernel_size, patch_size,
+    activation) named ``name``, or one line saying why none does, before anything is downloaded."""
+    variant = presets.variant_of(arch)
+    if variant not in presets.PRETRAINED:
+        presets.imagenet_variant(presets.variant_named(name))  # raises, naming the variants that have weights
+        raise ValueError(
+            f"weights='imagenet': this architecture (dim {arch['dim']}, depth {arch['depth']}, kernel "
+            f"{arch['kernel_size']}, patch {arch['patch_size']}) is none of the released ones "
+            f"({', '.join(presets.released_variants())})."
+        )
+    trained = presets.MODEL_CONFIGS[variant]["activation"]
+    if arch["activation"] != trained:
+        raise ValueError(
+            f"weights='imagenet' for {presets.public_name(variant)} were trained with activation={trained!r}, "
+            f"got activation={arch['activation']!r}."
+        )
+    released = presets.PRETRAINED[variant]["classes"]
+    if include_top and classes != released:
+        raise ValueError(
+            f"weights='imagenet' with include_top=True needs classes={released}, got classes={classes!r}: pass "
+            "include_top=False for the backbone alone (then add your own head)."
+        )
+    return variant
 
 
 # ----------------------------------------------------------------------------- resolving a spec
 
 
 def resolve_weights(spec, variant=None):
-    """Resolve ``spec`` into a ``PretrainedWeights`` (downloading and converting on first use).
+    """Resolve ``spec`` into a ``PretrainedWeights`` (downloading and reading it into the cache on first use).
 
     ``spec`` is ``"imagenet"`` (needs ``variant``), ``"hf://owner/repo"`` or ``"hf://owner/repo@revision"``
     (a timm-format ``model.safetensors``), or a local path: a timm/official checkpoint
     (``.safetensors``/``.pth``/``.pth.tar``), a ``.keras`` model, or a converted folder / run directory.
     """
-    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
-        raise ValueError(f"weights must be 'imagenet', 'hf://owner/repo' or a path, got {spec!r}.")
-    text = os.fspath(spec)
-    if text == "imagenet":
-        key = imagenet_variant(variant)
+    spec = parse_spec(spec)
+    if spec.kind == "imagenet":
+        key = presets.imagenet_variant(variant)
         row = presets.PRETRAINED[key]
-        return _resolve_hub(text, row["hub_id"], None, row["filename"], variant=key)
-    if text.startswith(_HF_PREFIX):
-        repo, _, revision = text[len(_HF_PREFIX) :].partition("@")
-        if not _REPO_ID.match(repo) or (revision == "" and "@" in text):
-            raise ValueError(f"weights {text!r} is not 'hf://owner/repo' or 'hf://owner/repo@revision'.")
-        return _resolve_hub(text, repo, revision or None, "model.safetensors", variant=None)
-    return _resolve_local(text)
-
-
-def _hub_row(repo):
-    """The PRETRAINED row and variant of a released repo, or (None, None)."""
-    for key, row in presets.PRETRAINED.items():
-        if row["hub_id"] == repo:
-            return row, key
-    return None, None
-
-
-def _hand_url(repo, revision, filename):
-    from huggingface_hub import hf_hub_url
-
-    return hf_hub_url(repo, filename, revision=revision)
-
-
-def _by_hand(repo, revision, filename):
-    return (
-        f"download {_hand_url(repo, revision, filename)} by hand and pass weights='/path/to/{filename}' "
-        "(or train.py --weights /path/to/" + filename + ")"
-    )
+        return _resolve_hub(spec.text, row["hub_id"], None, row["filename"], variant=key)
+    if spec.kind == "hub":
+        return _resolve_hub(spec.text, spec.repo, spec.revision, "model.safetensors", variant=None)
+    return _resolve_local(spec.text)
 
 
 def _resolve_hub(source, repo, revision, filename, variant):
@@ -138,124 +168,62 @@ def _resolve_hub(source, repo, revision, filename, variant):
     cached = _cached(source, key)
     if cached is not None:
         return cached
-
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
     where = f"{filename} of {repo}" + (f"@{revision}" if revision else "")
-    advertised = None
-    if not constants.HF_HUB_OFFLINE:
-        # The Hub's HEAD answer carries the LFS object's sha256 (X-Linked-Etag); hf_hub_download does not check it.
-        with contextlib.suppress(Exception):  # no network etc.: hf_hub_download then says what is wrong
-            advertised = get_hf_file_metadata(_hand_url(repo, revision, filename)).etag
+    local, sha = hub.download(repo, revision, filename, where)
+    variant = variant or presets.released_repo(repo)
     try:
-        local = hf_hub_download(repo, filename, revision=revision)
-    except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE or no connection) and not in the HF cache
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _reason(err)
-        raise ValueError(
-            f"Cannot get {where} ({reason}, and it is not cached): {_by_hand(repo, revision, filename)}."
-        ) from None
-    except (EntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ValueError(f"Cannot download {where}: {_reason(err)}; {_by_hand(repo, revision, filename)}.") from None
-
-    sha = _sha256(local)
-    blob = os.path.realpath(local)
-    if not _is_sha256(advertised) and _is_sha256(os.path.basename(blob)):
-        advertised = os.path.basename(blob)  # offline: the HF cache names an LFS blob after its sha256
-    if not _is_sha256(advertised):
-        logger.warning("%s: the Hub advertised no sha256 for it, so the download is not checked.", where)
-    elif sha != advertised:
-        # Remove the pointer and the blob so that neither this nor huggingface_hub's next call uses the file.
-        for path in {local, blob}:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        raise ValueError(
-            f"{where} failed its checksum: the Hub advertises sha256 {advertised} but the download has {sha} "
-            f"(file removed): retry, or {_by_hand(repo, revision, filename)}."
-        )
-
-    row, row_variant = _hub_row(repo)
-    from keras_convmixer import convert
-
-    try:
-        model, arch = convert.build_from_checkpoint(local, variant=variant or row_variant, image_size=None)
+        return _from_checkpoint(source, key, sha, local, variant, variant or repo.split("/")[-1])
     except (convert.CheckpointError, ValueError) as err:
         raise ValueError(
             f"{where} is not a timm-format ConvMixer checkpoint ({first_line(err)}): "
-            f"{_by_hand(repo, revision, filename)}."
+            f"{hub.by_hand(repo, revision, filename)}."
         ) from None
-    meta = _hub_meta(row, arch)
-    name = variant or row_variant or repo.split("/")[-1]
-    return _store(source, key, sha, model, arch, meta, name)
 
 
-def _reason(err):
-    text = first_line(err)
-    return text[:200] if text else type(err).__name__
-
-
-def _hub_meta(row, arch):
-    if row is not None:
-        meta = {k: row[k] for k in ("mean", "std", "crop_pct", "interpolation", "image_size")}
-        meta["class_names"] = _IMAGENET_CLASSES if arch["classes"] == row["classes"] == 1000 else None
-        return meta
-    return dict(_preset_meta(arch["variant"]), class_names=None)
-
-
-def _preset_meta(variant):
-    """The evaluation metadata of a named shape, or that of timm's ImageNet ConvMixers for any other."""
-    preset = presets.eval_preset(variant or next(iter(presets.PRETRAINED)))
-    return {
-        "mean": preset["mean"],
-        "std": preset["std"],
-        "crop_pct": preset["crop_pct"],
-        "interpolation": preset["interpolation"],
-        "image_size": preset["image_size"],
-    }
+def _from_checkpoint(source, key, sha, path, variant, name):
+    state = convert.read_checkpoint(path)
+    arch = convert.convert_backbone_config(state, variant=variant)
+    meta = _meta(arch["variant"], arch["classes"])
+    return _store(source, key, name, state, sha, arch, meta)
 
 
 def _resolve_local(path):
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Weights {path!r} do not exist: pass 'imagenet', 'hf://owner/repo' or the path of a checkpoint, "
-            ".keras file or run directory."
-        )
-    if os.path.isdir(path):
-        return _resolve_saved(path, folder=True)
+    path = _existing(path)
+    if os.path.isdir(path) or path.endswith(".keras"):
+        return _resolve_saved(path)
     if path.endswith(".weights.h5"):
         raise ValueError(
             f"{path!r} is a bare .weights.h5 that does not say its architecture: pass it to ConvMixer(weights=...) "
             "with the same architecture and class count, or give the .keras file or run directory instead."
         )
-    if path.endswith(".keras"):
-        return _resolve_saved(path, folder=False)
-    if not path.endswith(_CHECKPOINT_SUFFIXES):
+    if not path.endswith(convert.CHECKPOINT_SUFFIXES):
         raise ValueError(
             f"Weights {path!r}: unknown file type; expected a .safetensors/.pth/.pth.tar checkpoint, "
             "a .keras file or a run directory."
         )
-    sha = _sha256(path)
+    sha = cache.sha256(path)
     key = f"sha256:{sha}"
     cached = _cached(path, key)
     if cached is not None:
         return cached
-    from keras_convmixer import convert
-
+    name = os.path.basename(path).split(".")[0] or "checkpoint"
     try:
-        model, arch = convert.build_from_checkpoint(path, image_size=None)
+        return _from_checkpoint(path, key, sha, path, None, name)
     except convert.CheckpointError as err:
         raise ValueError(f"{path!r} is not a ConvMixer checkpoint: {first_line(err)}") from None
-    meta = dict(_preset_meta(arch["variant"]), class_names=None)
-    name = os.path.basename(path).split(".")[0] or "checkpoint"
-    return _store(path, key, sha, model, arch, meta, name)
 
 
-def _resolve_saved(path, folder):
+def saved_config(path):
+    """The config.json of a run directory, or the one beside a ``.keras`` file; ``{}`` where there is none."""
+    path = os.fspath(path)
+    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), rundir.CONFIG)
+    return rundir.read_json(config_file) if os.path.isfile(config_file) else {}
+
+
+def _resolve_saved(path):
     """A .keras file or a run directory / converted folder (config.json + model file)."""
-    from keras_convmixer import artifacts
-
-    if folder:
+    model_file = path
+    if os.path.isdir(path):
         present = [name for name in rundir.MODEL_FILES if os.path.isfile(os.path.join(path, name))]
         if not os.path.isfile(os.path.join(path, rundir.CONFIG)) or not present:
             raise ValueError(
@@ -263,155 +231,64 @@ def _resolve_saved(path, folder):
                 f"(config.json and one of {', '.join(rundir.MODEL_FILES)})."
             )
         model_file = os.path.join(path, present[0])
-    else:
-        model_file = path
-    sha = _sha256(model_file)
+    sha = cache.sha256(model_file)
     key = f"sha256:{sha}"
     cached = _cached(path, key)
     if cached is not None:
         return cached
+    from keras_convmixer import load_model  # registers our layers first
+
     try:
-        bundle = artifacts.open_model(path)
-        arch = model_arch(bundle.model)
-    except (ValueError, OSError) as err:
+        model = load_model(model_file, compile=False)
+        arch = structure.model_arch(model)
+    except Exception as err:  # zip/h5/config errors and foreign models all mean "no ConvMixer here"
         raise ValueError(f"Weights {path!r} do not hold a ConvMixer: {first_line(err)}") from None
-    config = bundle.config
-    arch["variant"] = _variant_of(arch)
-    meta = _preset_meta(arch["variant"])
-    for name in ("mean", "std", "crop_pct", "interpolation", "image_size"):
-        if config.get(name) is not None:
-            meta[name] = config[name]
-    names = config.get("class_names")
-    meta["class_names"] = list(names) if names and not all(re.fullmatch(r"class_\d+", n) for n in names) else None
-    # Re-built in the canonical layout, so that every cached file loads into source_model(arch, meta).
-    source = source_model(arch, meta)
-    _copy_layers(bundle.model, source, arch["depth"], head=arch["classes"] is not None)
+    arch["variant"] = presets.variant_of(arch)
+    meta = _meta(arch["variant"], arch["classes"], saved_config(path))
+    state = convert.export_state(model, head=arch["classes"] is not None)
     name = os.path.basename(os.path.normpath(path)).split(".")[0] or "model"
-    return _store(path, key, sha, source, arch, meta, name)
-
-
-def _variant_of(arch):
-    for key, row in presets.MODEL_CONFIGS.items():
-        if all(row[k] == arch[k] for k in _ARCH_KEYS):
-            return key
-    return None
+    return _store(path, key, name, state, sha, arch, meta)
 
 
 # ----------------------------------------------------------------------------- the cache
 
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _is_sha256(value):
-    return isinstance(value, str) and bool(_SHA256.match(value))
-
-
-def _read_index():
-    path = os.path.join(cache_dir(), INDEX)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        entries = rundir.read_json(path).get("entries")
-    except OSError as err:  # a damaged index only costs a new conversion
-        logger.warning("Ignoring the weights cache index: %s", first_line(err))
-        return {}
-    return entries if isinstance(entries, dict) else {}
+_ARCH_KEYS = (*presets.SHAPE_KEYS, "activation", "classes")
 
 
 def _cached(source, key):
-    entry = _read_index().get(key)
-    if not isinstance(entry, dict):
-        return None
-    path = os.path.join(cache_dir(), str(entry.get("file")))
-    if not os.path.isfile(path) or not _is_sha256(entry.get("sha256")):
+    entry = cache.lookup(key)
+    if entry is None:
         return None
     try:
+        arch = {k: entry["arch"][k] for k in _ARCH_KEYS}
         meta = dict(entry["meta"])
-        arch = {k: entry["arch"][k] for k in (*_ARCH_KEYS, "activation", "classes")}
     except (KeyError, TypeError, ValueError):  # a damaged entry only costs a new conversion
         return None
-    if meta.get("class_names") == _IMAGENET_CLASSES:
-        from keras_convmixer.imagenet import class_names
-
-        meta["class_names"] = class_names()
-    return PretrainedWeights(os.fspath(source), entry["sha256"], path, arch, entry.get("variant"), meta)
+    if meta.get("class_names") is None:  # the default names are not copied into the index
+        meta["class_names"] = presets.default_class_names(entry["variant"], arch["classes"])
+    return PretrainedWeights(os.fspath(source), entry["sha256"], entry["path"], arch, entry["variant"], meta)
 
 
-def _store(source, key, sha, model, arch, meta, name):
-    directory = cache_dir()
-    os.makedirs(directory, exist_ok=True)
-    file = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{sha[:16]}.weights.h5"
-    rundir.save_weights(model, os.path.join(directory, file))
-    arch = {k: arch[k] for k in (*_ARCH_KEYS, "activation", "classes")}
-    variant = _variant_of(arch)
-    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()}
-    entries = _read_index()
-    entries[key] = dict(file=file, sha256=sha, arch=arch, variant=variant, meta=meta)
-    rundir.write_json(os.path.join(directory, INDEX), {"entries": entries})
-    logger.info("Cached the converted weights of %s as %s.", source, os.path.join(directory, file))
+def _store(source, key, name, state, sha, arch, meta):
+    arch = {k: arch[k] for k in _ARCH_KEYS}
+    variant = presets.variant_of(arch)
+    default = presets.default_class_names(variant, arch["classes"])
+    meta = dict(meta, class_names=None if meta.get("class_names") == default else meta.get("class_names"))
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    cache.store(key, name, state, sha256=sha, arch=arch, variant=variant, meta=meta)
+    logger.info("Read the weights of %s into the cache.", source)
     return _cached(source, key)
 
 
 # ----------------------------------------------------------------------------- loading into a model
 
 
-def model_arch(model):
-    """dim, depth, kernel_size, patch_size, activation and classes (None without a head) of a ConvMixer."""
-    names = {layer.name: layer for layer in model.layers}
-    if "stem" not in names or "block_0" not in names:
-        raise ValueError(f"Model {model.name!r} is not a ConvMixer built by ConvMixer() (no 'stem'/'block_0' layer).")
-    stem, block = names["stem"], names["block_0"]
-    depth = sum(1 for name in names if re.fullmatch(r"block_\d+", name))
-    head = names.get("head")
-    return dict(
-        dim=int(stem.dim),
-        depth=depth,
-        kernel_size=int(block.kernel_size),
-        patch_size=int(stem.patch_size),
-        activation=block.activation if isinstance(block.activation, str) else str(block.activation),
-        classes=int(head.units) if head is not None else None,
-    )
-
-
-def source_model(arch, meta=None):
-    """The model a cached ``.weights.h5`` loads into: the source's architecture, any input size, logits."""
-    from keras_convmixer.models import ConvMixer
-
-    meta = meta or {}
-    return ConvMixer(
-        *(arch[k] for k in _ARCH_KEYS),
-        activation=arch["activation"],
-        include_top=arch["classes"] is not None,
-        classes=arch["classes"] or 1,
-        classifier_activation=None,
-        input_shape=(None, None, 3),
-        mean=tuple(meta.get("mean") or presets.IMAGENET_MEAN),
-        std=tuple(meta.get("std") or presets.IMAGENET_STD),
-        name="convmixer_source",
-    )
-
-
-def _copy_layers(source, target, depth, head):
-    for name in ("stem", *(f"block_{i}" for i in range(depth)), *(("head",) if head else ())):
-        target.get_layer(name).set_weights(source.get_layer(name).get_weights())
-
-
-def _describe(arch):
-    return f"ConvMixer-{arch['dim']}/{arch['depth']} (kernel {arch['kernel_size']}, patch {arch['patch_size']})"
-
-
-def check_architecture(weights, model_arch_, model_name):
+def check_architecture(weights, model_arch, model_name):
     """One line naming both architectures when the weights do not fit the model."""
-    if any(weights.arch[k] != model_arch_[k] for k in _ARCH_KEYS):
+    if any(weights.arch[k] != model_arch[k] for k in presets.SHAPE_KEYS):
         raise ValueError(
-            f"Weights {weights.source!r} are {_describe(weights.arch)} but the model {model_name!r} is "
-            f"{_describe(model_arch_)}: build the model with the weights' architecture."
+            f"Weights {weights.source!r} are {structure.describe(weights.arch)} but the model {model_name!r} is "
+            f"{structure.describe(model_arch)}: build the model with the weights' architecture."
         )
 
 
@@ -426,23 +303,29 @@ def load_pretrained(model, spec, *, variant=None, load_head="auto"):
     """
     if load_head not in ("auto", True, False):
         raise ValueError(f"load_head must be 'auto', True or False, got {load_head!r}.")
-    arch = model_arch(model)
-    if variant is None and isinstance(spec, (str, os.PathLike)) and os.fspath(spec) == "imagenet":
-        variant = variant_for_arch(*(arch[k] for k in _ARCH_KEYS)) or _name_variant(model.name)
+    if variant is None and parse_spec(spec).kind == "imagenet":
+        variant = presets.variant_of(structure.model_arch(model))
+        if variant not in presets.PRETRAINED:
+            variant = presets.variant_named(model.name)
+    return load_resolved(model, resolve_weights(spec, variant), load_head=load_head)
+
+
+def load_for_builder(model, spec, *, variant, classes, load_head):
+    """What ``ConvMixer(weights=spec)`` does once its model is built: resolve, check that the head agrees with
+    ``classes`` (None: no head asked for), load."""
     weights = resolve_weights(spec, variant)
+    check_architecture(weights, structure.model_arch(model), model.name)
+    if classes is not None and weights.arch["classes"] != classes:
+        raise ValueError(
+            f"weights {weights.source!r} have a {weights.arch['classes'] or 'no'}-class head but classes={classes!r}: "
+            f"pass classes={weights.arch['classes']}, or include_top=False for the backbone alone."
+        )
     return load_resolved(model, weights, load_head=load_head)
-
-
-def _name_variant(name):
-    try:
-        return presets.canonical_name(name)
-    except ValueError:
-        return None
 
 
 def load_resolved(model, weights, *, load_head="auto"):
     """``load_pretrained`` for an already resolved ``PretrainedWeights``."""
-    arch = model_arch(model)
+    arch = structure.model_arch(model)
     check_architecture(weights, arch, model.name)
     if arch["activation"] != weights.arch["activation"]:
         # The same tensors under another activation compute another function: refuse, as weights="imagenet" does.
@@ -458,7 +341,5 @@ def load_resolved(model, weights, *, load_head="auto"):
             f"{arch['classes'] if arch['classes'] is not None else 'no head'}; pass load_head='auto' or False."
         )
     head_loaded = fits and load_head is not False
-    source = source_model(weights.arch, weights.meta)
-    source.load_weights(weights.path)
-    _copy_layers(source, model, arch["depth"], head=head_loaded)
+    convert.load_state_dict(model, convert.read_checkpoint(weights.path), head=head_loaded)
     return dict(source=weights.source, sha256=weights.sha256, head_loaded=bool(head_loaded), meta=weights.meta)

@@ -10,7 +10,7 @@ import pytest
 
 import keras_convmixer as kc
 from benchmarks import compare_timm
-from keras_convmixer import convert
+from keras_convmixer import conversion, convert, presets
 from tests.torch_reference import official_convmixer, timm_convmixer, torch_logits
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference model needs torch")
@@ -41,7 +41,7 @@ def converted(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"convert_{request.param}")
     ckpt = _save_timm(reference, tmp / "model.safetensors")
     out = tmp / "out"
-    config = convert.convert_checkpoint(ckpt, out, activation=act, image_size=size)
+    config = conversion.convert_checkpoint(ckpt, out, activation=act, image_size=size)
     return dict(reference=reference, ckpt=ckpt, out=out, config=config, size=size, act=act, classes=classes)
 
 
@@ -74,6 +74,16 @@ def test_converted_weights_load_into_builder(converted):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_export_state_gives_the_checkpoint_back(converted):
+    # The inverse mapping, which the weights cache stores a saved model's weights with: timm's own tensors.
+    model = keras.saving.load_model(converted["out"] / "model.keras")
+    exported = convert.export_state(model)
+    reference = {k: v.numpy() for k, v in converted["reference"].state_dict().items()}
+    assert set(exported) == {k for k in reference if not k.endswith("num_batches_tracked")}
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, reference[name], err_msg=name)
+
+
 def test_converted_config_is_a_run_dir(converted):
     config = json.loads((converted["out"] / "config.json").read_text())
     # No named variant has these shapes: timm's eval transform for its ConvMixers, as timm's configs give it.
@@ -91,7 +101,7 @@ def test_official_pth_tar_with_wrapper_and_module_prefix(tmp_path):
     state = {f"module.{k}": v for k, v in body.state_dict().items()}
     path = tmp_path / "convmixer_tiny.pth.tar"
     torch.save({"epoch": 3, "state_dict": state, "args": argparse.Namespace(lr=0.01)}, path)
-    model, arch = convert.build_from_checkpoint(path, image_size=size)
+    model, arch = conversion.build_from_checkpoint(path, image_size=size)
     assert (arch["dim"], arch["depth"], arch["kernel_size"], arch["patch_size"], arch["classes"]) == CONFIGS["gelu"][:5]
     images = _images(size, seed=2)
     got = keras.ops.convert_to_numpy(model(images, training=False))
@@ -116,7 +126,7 @@ def _fake_shapes(dim, depth, kernel, patch, classes):
     ],
 )
 def test_config_inferred_from_shapes_and_activation_from_variant(arch, variant, activation):
-    config = convert.infer_config(_fake_shapes(*arch))
+    config = convert.convert_backbone_config(_fake_shapes(*arch))
     assert (config["dim"], config["depth"], config["kernel_size"], config["patch_size"], config["classes"]) == arch
     assert config["variant"] == variant
     assert config["activation"] == activation
@@ -124,13 +134,14 @@ def test_config_inferred_from_shapes_and_activation_from_variant(arch, variant, 
 
 def test_variant_name_is_checked_against_shapes():
     shapes = _fake_shapes(1024, 20, 9, 14, 1000)
-    assert convert.infer_config(shapes, variant="convmixer_1024_20_ks9_p14")["variant"] == "convmixer_1024_20"
+    infer = convert.convert_backbone_config
+    assert infer(shapes, variant="convmixer_1024_20_ks9_p14")["variant"] == "convmixer_1024_20"
     # Hugging Face's timm repositories add a pretrained tag to the name.
-    assert convert.infer_config(shapes, variant="convmixer_1024_20_ks9_p14.in1k")["variant"] == "convmixer_1024_20"
+    assert infer(shapes, variant="convmixer_1024_20_ks9_p14.in1k")["variant"] == "convmixer_1024_20"
     with pytest.raises(convert.CheckpointError, match="Unknown model 'convmixer_9_9'"):
-        convert.infer_config(shapes, variant="convmixer_9_9")
+        convert.convert_backbone_config(shapes, variant="convmixer_9_9")
     with pytest.raises(convert.CheckpointError, match="not convmixer_768_32"):
-        convert.infer_config(shapes, variant="convmixer_768_32")
+        convert.convert_backbone_config(shapes, variant="convmixer_768_32")
 
 
 def test_truncated_safetensors_gives_clear_error(converted, tmp_path):
@@ -199,7 +210,7 @@ def test_pth_without_torch_says_torch_is_needed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("image_size", [0, -32, 2.5, "224", True])
 def test_a_bad_image_size_is_named_before_the_checkpoint_is_read(tmp_path, image_size):
     with pytest.raises(ValueError, match="image_size must be a positive whole number"):
-        convert.build_from_checkpoint(tmp_path / "not_read.safetensors", image_size=image_size)
+        conversion.build_from_checkpoint(tmp_path / "not_read.safetensors", image_size=image_size)
 
 
 def test_unknown_extension_and_missing_file(tmp_path):
@@ -232,7 +243,7 @@ def test_conversion_refuses_a_directory_with_a_config(converted, tmp_path):
     run.mkdir()
     (run / "config.json").write_text('{"model": "a training run"}')
     with pytest.raises(ValueError, match="already holds a config.json"):
-        convert.convert_checkpoint(converted["ckpt"], run)
+        conversion.convert_checkpoint(converted["ckpt"], run)
     assert (run / "config.json").read_text() == '{"model": "a training run"}'
 
 
@@ -243,8 +254,8 @@ def test_converted_eval_transform_is_timms(timm_name):
     _, _, timm = vision_or_skip()
     # A checkpoint whose shapes match no variant gets the transform timm gives all its ConvMixers.
     cfg = timm.models.get_pretrained_cfg(timm_name or "convmixer_768_32")
-    variant = convert._variant_key(timm_name) if timm_name else None
-    preset = convert.checkpoint_eval_preset(variant)
+    variant = presets.canonical_name(timm_name) if timm_name else None
+    preset = presets.eval_transform(variant)
     assert (preset["crop_pct"], preset["interpolation"]) == (cfg.crop_pct, cfg.interpolation)
     assert (tuple(preset["mean"]), tuple(preset["std"])) == (tuple(cfg.mean), tuple(cfg.std))
     assert preset["image_size"] == cfg.input_size[-1]
@@ -275,7 +286,7 @@ def cifar(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cifar")
     ckpt = _cifar_checkpoint(tmp / "model.safetensors")
     out = tmp / "out"
-    config = convert.convert_checkpoint(ckpt, out)
+    config = conversion.convert_checkpoint(ckpt, out)
     return dict(ckpt=ckpt, out=out, config=config)
 
 

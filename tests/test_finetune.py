@@ -151,7 +151,6 @@ def test_grouped_adamw_rejects_a_scale_outside_0_1(scale):
 
 def test_backbone_starts_from_the_checkpoint_and_the_head_from_the_data(source):
     """What train() does before its first step: the classifier is built for the data's classes, then loaded."""
-    pytest.importorskip("keras_convmixer.pretrained")
     src = _load(source)
     for classes, head_loaded in ((5, True), (3, False)):
         cfg = recipes.resolve_config("demo", dict(RUN, weights=str(source)))
@@ -171,7 +170,6 @@ def test_backbone_starts_from_the_checkpoint_and_the_head_from_the_data(source):
 
 
 def test_freeze_backbone_trains_only_the_new_head_and_resume_keeps_the_run(source, digits, tmp_path):
-    pytest.importorskip("keras_convmixer.pretrained")
     weights = tmp_path / "pretrained"  # a run directory: its best.keras and the config.json beside it
     weights.mkdir()
     for name in ("best.keras", "config.json"):
@@ -207,7 +205,6 @@ def test_freeze_backbone_trains_only_the_new_head_and_resume_keeps_the_run(sourc
 
 def test_pretrained_on_digits_0_4_beats_scratch_on_5_9_after_one_epoch(source, digits, tmp_path):
     """A few steps on the new classes: features learnt on the others carry over, random ones do not."""
-    pytest.importorskip("keras_convmixer.pretrained")
     target = dict(data=f"folder:{digits / 'high'}", epochs=1, steps_per_epoch=6, lr=0.003, schedule="cosine")
     keras.utils.set_random_seed(0)
     tuned = _train(tmp_path / "tuned", weights=str(source), **target)["val_top1"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import keras_convmixer as kc
-from keras_convmixer import presets, pretrained
+from keras_convmixer import presets
 from tests.helpers import ROOT, to_numpy
 from tests.hub_server import HubServer, point_hub_at
 from tests.vision_reference import vision_or_skip
@@ -164,14 +164,20 @@ def test_imagenet_downloads_converts_and_matches_timm(imagenet_download, checkpo
     assert {path for _, path in files} == {f"/{RELEASED_REPO}/resolve/main/model.safetensors"}
     assert {method for method, _ in files} == {"HEAD", "GET"}
     np.testing.assert_allclose(imagenet_download["mean"].ravel(), 255 * np.asarray(presets.IMAGENET_MEAN), rtol=1e-6)
-    # The converted weights are cached under KERAS_HOME, named after the source's sha256.
+    # The weights are cached under KERAS_HOME as the source's tensors (not as a second Keras model), with the
+    # source's sha256.
     sha = hashlib.sha256(checkpoints["released"]).hexdigest()
     cache = homes[1] / "models" / "convmixer"
-    assert (cache / f"convmixer_768_32-{sha[:16]}.weights.h5").is_file()
     entries = json.loads((cache / "index.json").read_text())["entries"]
     # Keyed by repo, revision, file and the endpoint it came from (a mirror's repo of the same name is another file).
     (entry,) = [e for k, e in entries.items() if k.startswith(f"hf://{RELEASED_REPO}@main/model.safetensors at http")]
     assert entry["sha256"] == sha and entry["arch"]["activation"] == "relu" and entry["arch"]["classes"] == 1000
+    from safetensors.numpy import load, load_file
+
+    cached, source = load_file(cache / entry["file"]), load(checkpoints["released"])
+    assert set(cached) == {k for k in source if not k.endswith("num_batches_tracked")}
+    for name, value in cached.items():
+        np.testing.assert_array_equal(value, source[name], err_msg=name)
 
 
 # Blocks torch (and timm/torchvision) for the whole process: any import of them fails.
@@ -345,4 +351,4 @@ def test_pretrained_table_matches_timm():
         )
         assert row["license"] == cfg.license
         assert presets.canonical_name(cfg.architecture) == key
-    assert pretrained.pretrained_variants() == ["ConvMixer1536_20", "ConvMixer768_32", "ConvMixer1024_20"]
+    assert presets.released_variants() == ["ConvMixer1536_20", "ConvMixer768_32", "ConvMixer1024_20"]

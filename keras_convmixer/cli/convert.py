@@ -107,13 +107,13 @@ def summary(config, output, image_size_given=False):
 
 def main(argv=None):
     parser = build_parser()
-    args, convert = start(parser, argv, "keras_convmixer.convert")
+    args, conversion = start(parser, argv, "keras_convmixer.conversion")
     with one_line_errors(parser):
         class_names = None
         if args.class_names:
             with open(args.class_names) as f:
                 class_names = [line.strip() for line in f if line.strip()]
-        config = convert.convert_checkpoint(
+        config = conversion.convert_checkpoint(
             args.checkpoint,
             args.output,
             variant=args.variant,
