@@ -2,9 +2,11 @@
 
 Prints one JSON line per measurement, then a Markdown table of them all. In one run:
 
-* the depthwise op alone, forward and forward+backward (``--op-shape``, default k9
-  (8, 32, 32, 256)), for every implementation and, when torch is installed, PyTorch's
-  ``F.conv2d(groups=C)`` in NCHW and channels_last;
+* the depthwise op alone (``--op-shape``, default k9 (8, 32, 32, 256)): the forward, dx and dkernel
+  (+dbias) each alone, their sum, and the forward + backward in one step (y returned with every
+  gradient), every backward from a random cotangent (``jax.vjp``; ``torch.autograd.backward`` with a
+  random gradient), for every implementation and, when torch is installed, PyTorch's
+  ``F.conv2d(groups=C)`` in NCHW and channels_last (dx and dkernel there: ``aten.convolution_backward``);
 * training images/s of ``--train-model`` (default ConvMixer-256/8 at 32x32, batch 64);
 * inference images/s of ``--infer-model`` (default ConvMixer-1024/20 at 224x224, batch 16);
 
@@ -13,6 +15,8 @@ repeated steps after warm-up steps, synchronised by reading results back to the 
 backend's own wait (op). The CPU figures of docs/benchmarks.md come from runs such as:
 
     KERAS_BACKEND=jax python scripts/benchmark.py --what op,train --steps 7 --warmup 2
+
+(benchmarks/gpu_check.py is the prepared GPU run.)
 
 GPU target shapes (bfloat16):
 
@@ -132,79 +136,136 @@ def bench_model(
     ]
 
 
-def _op_runner(impl, x, kernel, bias, backward):
-    """A no-argument callable that runs the op (and its backward) once and waits for it."""
-    import keras
+# The op's passes, each timed on its own: the forward; dx and dkernel (+dbias), each a backward pass
+# alone from a random cotangent (neither needs y, so XLA may drop the forward from them); and the
+# forward and backward together, y returned with all three gradients: what a training step pays.
+OP_PASSES = ("op_forward", "op_dx", "op_dkernel", "op_forward_backward")
+
+
+def _jax_op_runners(impl, x, kernel, bias, cotangent):
+    import jax
 
     from keras_convmixer.ops.depthwise import depthwise_conv2d
 
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
+    def op(x, kernel, bias):
+        return depthwise_conv2d(x, kernel, bias, impl=impl)
 
-        def loss(x, kernel, bias):
-            return jnp.sum(depthwise_conv2d(x, kernel, bias, impl=impl).astype(jnp.float32))
+    def forward_backward(x, kernel, bias, cotangent):
+        y, pullback = jax.vjp(op, x, kernel, bias)
+        return y, pullback(cotangent)
 
-        fn = jax.jit(
-            jax.grad(loss, argnums=(0, 1, 2)) if backward else lambda x, k, b: depthwise_conv2d(x, k, b, impl=impl)
-        )
-        return lambda: jax.block_until_ready(fn(x, kernel, bias))
-    if backend == "torch":
-        import torch
+    fns = {
+        "op_forward": lambda x, kernel, bias, cotangent: op(x, kernel, bias),
+        "op_dx": lambda x, kernel, bias, cotangent: jax.vjp(lambda x: op(x, kernel, bias), x)[1](cotangent),
+        "op_dkernel": lambda x, kernel, bias, cotangent: jax.vjp(lambda k, b: op(x, k, b), kernel, bias)[1](cotangent),
+        "op_forward_backward": forward_backward,
+    }
+    args = (x, kernel, bias, cotangent)
 
-        def run():
-            tensors = [t.detach().requires_grad_(backward) for t in (x, kernel, bias)]
-            out = depthwise_conv2d(*tensors, impl=impl)
-            if backward:
-                out.float().sum().backward()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+    def runner(fn):
+        jitted = jax.jit(fn)
+        return lambda: jax.block_until_ready(jitted(*args))
 
-        return run
+    return {name: runner(fn) for name, fn in fns.items()}
+
+
+def _torch_op_runners(impl, x, kernel, bias, cotangent):
+    import torch
+
+    from keras_convmixer.ops.depthwise import depthwise_conv2d
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def forward():
+        with torch.no_grad():
+            depthwise_conv2d(x, kernel, bias, impl=impl)
+        sync()
+
+    def forward_backward():
+        tensors = [t.detach().requires_grad_(True) for t in (x, kernel, bias)]
+        y = depthwise_conv2d(*tensors, impl=impl)
+        torch.autograd.backward(y, cotangent)
+        sync()
+
+    return {"op_forward": forward, "op_forward_backward": forward_backward}
+
+
+def _tf_op_runners(impl, x, kernel, bias, cotangent):
     import tensorflow as tf
+
+    from keras_convmixer.ops.depthwise import depthwise_conv2d
 
     # As Keras's trainer with jit_compile="auto": XLA only where there is a non-CPU device (on CPU,
     # TensorFlow's own depthwise kernel is what training runs).
     accelerated = any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
 
     @tf.function(jit_compile=accelerated)
-    def fn(x, kernel, bias):
-        if not backward:
-            return depthwise_conv2d(x, kernel, bias, impl=impl)
+    def forward(x, kernel, bias):
+        return depthwise_conv2d(x, kernel, bias, impl=impl)
+
+    @tf.function(jit_compile=accelerated)
+    def forward_backward(x, kernel, bias, cotangent):
         with tf.GradientTape() as tape:
             tape.watch([x, kernel, bias])
-            out = tf.reduce_sum(tf.cast(depthwise_conv2d(x, kernel, bias, impl=impl), tf.float32))
-        return tape.gradient(out, [x, kernel, bias])
+            y = depthwise_conv2d(x, kernel, bias, impl=impl)
+        return y, tape.gradient(y, [x, kernel, bias], output_gradients=cotangent)
 
-    return lambda: [t.numpy() for t in tf.nest.flatten(fn(x, kernel, bias))]
+    def host(values):
+        return [t.numpy() for t in tf.nest.flatten(values)]
+
+    return {
+        "op_forward": lambda: host(forward(x, kernel, bias)),
+        "op_forward_backward": lambda: host(forward_backward(x, kernel, bias, cotangent)),
+    }
+
+
+def op_runners(impl, x, kernel, bias, cotangent):
+    """{measurement: a no-argument callable that runs that pass once and waits for it}. JAX times every
+    pass of ``OP_PASSES``; torch and TensorFlow the forward and the forward + backward."""
+    import keras
+
+    backend = keras.backend.backend()
+    runners = {"jax": _jax_op_runners, "torch": _torch_op_runners}.get(backend, _tf_op_runners)
+    return runners(impl, x, kernel, bias, cotangent)
 
 
 def op_arrays(*, batch_size, tokens, dim, kernel_size, seed=0):
-    """Random float64 NumPy ``x [N, T, T, C]``, ``kernel [k, k, C]``, ``bias [C]`` for the op benchmark."""
+    """Random float64 NumPy ``x [N, T, T, C]``, ``kernel [k, k, C]``, ``bias [C]`` and a cotangent like x."""
     rng = np.random.default_rng(seed)
-    # Random data, never zeros: zeros can hide unwritten outputs and time differently.
+    # Random data, never zeros: zeros can hide unwritten outputs and time differently, and a constant
+    # cotangent (the gradient of a sum) lets XLA fold part of the backward away.
     return (
         rng.standard_normal((batch_size, tokens, tokens, dim)),
         rng.standard_normal((kernel_size, kernel_size, dim)) / kernel_size,
         rng.standard_normal((dim,)),
+        rng.standard_normal((batch_size, tokens, tokens, dim)),
     )
 
 
+def with_pass_sum(results):
+    """Append ``op_sum`` (forward + dx + dkernel) when all three were timed."""
+    ms = {r["measurement"]: r["ms"] for r in results}
+    if all(name in ms for name in ("op_forward", "op_dx", "op_dkernel")):
+        results.append(dict(results[0], measurement="op_sum", ms=ms["op_forward"] + ms["op_dx"] + ms["op_dkernel"]))
+    return results
+
+
 def bench_op(impl, *, batch_size, tokens, dim, kernel_size, precision, steps, warmup, seed=0):
-    """Forward and forward+backward time of the depthwise op alone: two dicts."""
+    """Time of each pass of the depthwise op alone (``OP_PASSES`` where the backend has them): dicts."""
     import keras
 
     dtype = "bfloat16" if precision == "bfloat16" else "float32"
     arrays = op_arrays(batch_size=batch_size, tokens=tokens, dim=dim, kernel_size=kernel_size, seed=seed)
-    x, kernel, bias = (keras.ops.convert_to_tensor(a, dtype=dtype) for a in arrays)
+    x, kernel, bias, cotangent = (keras.ops.convert_to_tensor(a, dtype=dtype) for a in arrays)
     # The op reads x and writes y once: the least memory traffic of the forward pass.
     x_bytes = int(np.prod(x.shape)) * (2 if dtype == "bfloat16" else 4)
     results = []
-    for name, backward in (("op_forward", False), ("op_forward_backward", True)):
-        seconds = median_seconds(_op_runner(impl, x, kernel, bias, backward), steps, warmup)
+    for name, run in op_runners(impl, x, kernel, bias, cotangent).items():
+        seconds = median_seconds(run, steps, warmup)
         results.append(dict(measurement=name, ms=1e3 * seconds, min_bytes_forward=2 * x_bytes))
-    return results
+    return with_pass_sum(results)
 
 
 def _model_fields(config, batch_size, image_size):
@@ -304,6 +365,54 @@ def summary_table(records):
 # ----------------------------------------------------------------------------- the PyTorch reference
 
 
+def torch_op_runners(arrays, *, layout, dtype, device):
+    """PyTorch's ``F.conv2d(groups=C)`` on NumPy ``arrays`` (x NHWC, kernel, bias, cotangent) in memory
+    format ``layout``: {measurement: callable}, as ``op_runners``. dx and dkernel are
+    ``aten.convolution_backward`` alone (odd kernels only: its padding is symmetric)."""
+    import torch
+    import torch.nn.functional as F
+
+    x, kernel, bias, cotangent = arrays
+    k, channels = kernel.shape[0], kernel.shape[-1]
+
+    def nchw(a):
+        return torch.tensor(a, dtype=dtype, device=device).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+
+    xt, ct = nchw(x), nchw(cotangent)
+    kt = torch.tensor(kernel, dtype=dtype, device=device).permute(2, 0, 1)[:, None].contiguous()
+    bt = torch.tensor(bias, dtype=dtype, device=device)
+
+    def sync():
+        if xt.is_cuda:
+            torch.cuda.synchronize()
+
+    def forward():
+        with torch.no_grad():
+            F.conv2d(xt, kt, bt, padding="same", groups=channels)
+        sync()
+
+    def backward_alone(mask):
+        def run():
+            torch.ops.aten.convolution_backward(
+                ct, xt, kt, [channels], [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], channels, mask
+            )
+            sync()
+
+        return run
+
+    def forward_backward():
+        tensors = [t.detach().requires_grad_(True) for t in (xt, kt, bt)]
+        y = F.conv2d(*tensors, padding="same", groups=channels)
+        torch.autograd.backward(y, ct)
+        sync()
+
+    runners = {"op_forward": forward}
+    if k % 2:
+        runners.update(op_dx=backward_alone([True, False, False]), op_dkernel=backward_alone([False, True, True]))
+    runners["op_forward_backward"] = forward_backward
+    return runners
+
+
 def torch_reference(args):
     """PyTorch records for the same shapes: op in NCHW and channels_last, then the models. On a GPU in
     ``--precision`` (bfloat16: the op in bf16 tensors, the models under autocast, as timm trains them);
@@ -343,25 +452,14 @@ def torch_reference(args):
     layouts = {"pytorch_nchw": torch.contiguous_format, "pytorch_channels_last": torch.channels_last}
     if "op" in args.what:
         shape = args.op_shape
-        x, kernel, bias = op_arrays(**shape)
-        kt = torch.tensor(kernel, dtype=op_dtype, device=dev).permute(2, 0, 1)[:, None].contiguous()
-        bt = torch.tensor(bias, dtype=op_dtype, device=dev)
         for name, layout in layouts.items():
-            xt = torch.tensor(x, dtype=op_dtype, device=dev).permute(0, 3, 1, 2).contiguous(memory_format=layout)
-            for measurement, backward in (("op_forward", False), ("op_forward_backward", True)):
-
-                def run(backward=backward, xt=xt):
-                    tensors = [t.detach().requires_grad_(backward) for t in (xt, kt, bt)]
-                    out = F.conv2d(tensors[0], tensors[1], tensors[2], padding="same", groups=shape["dim"])
-                    if backward:
-                        out.float().sum().backward()
-                    else:
-                        out.float().sum().item()
-                    sync()
-
-                with torch.set_grad_enabled(backward):
-                    seconds = median_seconds(run, args.steps, args.warmup)
-                yield dict(common, depthwise_impl=name, measurement=measurement, ms=1e3 * seconds, **shape)
+            runners = torch_op_runners(op_arrays(**shape), layout=layout, dtype=op_dtype, device=dev)
+            results = [
+                dict(measurement=measurement, ms=1e3 * median_seconds(run, args.steps, args.warmup))
+                for measurement, run in runners.items()
+            ]
+            for result in with_pass_sum(results):
+                yield dict(common, depthwise_impl=name, **result, **shape)
     for section, measurement in (("train", "train"), ("infer", "inference")):
         if measurement not in args.what:
             continue
