@@ -16,18 +16,27 @@ from tests.helpers import ROOT, TINY_FLAGS, cli_flags, run_script
 BACKEND = keras.backend.backend()
 
 
-def test_precision_policy_is_set_and_named():
+def test_precision_policy_is_set_and_named(monkeypatch):
     previous = keras.mixed_precision.global_policy()
     try:
         for precision in ("mixed_bfloat16", "float32"):
             assert distribute.set_precision({"precision": precision}) == precision
             assert keras.mixed_precision.global_policy().name == precision
-        # auto: bfloat16 compute only where an accelerator makes it pay.
-        assert distribute.set_precision({"precision": "auto"}) == (
-            "mixed_bfloat16" if distribute.has_accelerator() else "float32"
-        )
+        # auto: bfloat16 compute only where an accelerator makes it pay (the device query stubbed both ways:
+        # what is under test here is the policy it picks).
+        for found, policy in ((True, "mixed_bfloat16"), (False, "float32")):
+            monkeypatch.setattr(distribute, "has_accelerator", lambda found=found: found)
+            assert distribute.set_precision({"precision": "auto"}) == policy
+            assert keras.mixed_precision.global_policy().name == policy
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+@pytest.mark.skipif(
+    any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/accel0")), reason="this machine has a GPU or TPU device"
+)
+def test_a_machine_without_gpu_or_tpu_devices_has_no_accelerator():
+    assert distribute.has_accelerator() is False
 
 
 def test_no_strategy_is_one_replica():
@@ -35,7 +44,16 @@ def test_no_strategy_is_one_replica():
     scope, name, replicas = distribute.make_strategy(cfg)
     assert (name, replicas) == ("none", 1)
     with scope:
-        pass
+        variable = keras.Variable(np.ones(3, "float32"))
+        total = keras.ops.sum(variable * 2.0)
+    # Nothing distributes it: no Keras distribution is set, and (TensorFlow) no tf.distribute strategy holds it.
+    assert keras.distribution.distribution() is None
+    assert float(keras.ops.convert_to_numpy(total)) == 6.0
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        assert not tf.distribute.has_strategy()
+        assert tf.distribute.get_strategy().num_replicas_in_sync == 1
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="MirroredStrategy is TensorFlow's")

@@ -119,12 +119,11 @@ def _encoded_size(contents):
 def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, buffer, seed):
     """The decoded stream of a files split, as ``(uint8 image, tag)``, and ``finish``, which batches it.
 
-    A file that fails to decode (or, when the scan did not read sizes, has more than
-    ``split.max_pixels`` pixels: refused from its header) is dropped by ``ignore_errors``, but
-    not silently: ``_DecodeTracker`` finds it. The label carries the file's index
-    (``tag = index * classes + label``), so the stream carries nothing more than before and no
-    Python or table work runs per image. ``audit`` reads the tracker lazily, on the host; a file
-    is one entry however often a repeating stream retries it.
+    A file that fails to decode (or, when the scan did not read sizes, has more than ``split.max_pixels``
+    pixels: refused from its header) is dropped by ``ignore_errors``, but not silently: ``_DecodeTracker``
+    finds it. The label carries the file's index (``tag = index * classes + label``), so the stream carries
+    nothing more than before and no Python or table work runs per image. ``audit`` reads the tracker
+    lazily, on the host; a file is one entry however often a repeating stream retries it.
     """
     tf = import_tf()
     max_pixels = check_max_pixels(split.max_pixels)
@@ -288,6 +287,49 @@ def _base_dataset(split: Split, training: bool, seed: int):
     raise ValueError(f"unknown split kind {split.kind!r}")
 
 
+def _check_arguments(split, image_size, batch_size, interpolation, audit):
+    check_interpolation(interpolation)
+    if split is None or not isinstance(split, Split):
+        raise ValueError(f"make_dataset needs a Split from load_source, got {type(split).__name__}")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
+    if audit is not None and not isinstance(audit, DecodeAudit):
+        raise ValueError(f"audit must be a DecodeAudit, got {type(audit).__name__}")
+
+
+def _per_image(training, image_size, crop_pct, interpolation, image_map):
+    """The per-image map: ``image_map`` (default: a plain resize) for training, else the eval transform."""
+    tf = import_tf()
+    if not training:
+        return lambda image, label: (eval_transform(image, image_size, crop_pct, interpolation), label)
+    if image_map is None:
+
+        def image_map(image):
+            return _resize(image, image_size, image_size, interpolation)
+
+    def per_image(image, label):
+        out = tf.cast(image_map(image), tf.float32)
+        return tf.ensure_shape(out, [image_size, image_size, 3]), label
+
+    return per_image
+
+
+def _shuffled_stream(split, audit, *, training, cache, repeat, buffer, seed):
+    """``(decoded stream, finish)``: shuffled (after the cache, when there is one) and repeated as asked;
+    ``finish`` batches a files stream (None for the others)."""
+    if split.kind == "files":  # it caches, shuffles and repeats itself, around its decode
+        audit = audit if audit is not None else split.audit if split.audit is not None else DecodeAudit()
+        return _file_stream(split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed)
+    ds = _base_dataset(split, training, seed)
+    if training:
+        if cache:
+            ds = ds.cache()
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+    return ds, None
+
+
 def make_dataset(
     split: Split,
     *,
@@ -322,13 +364,9 @@ def make_dataset(
     each epoch of unknown length.
     """
     tf = import_tf()
-    check_interpolation(interpolation)
-    if split is None or not isinstance(split, Split):
-        raise ValueError(f"make_dataset needs a Split from load_source, got {type(split).__name__}")
-    if batch_size < 1 or image_size < 1:
-        raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
-    if audit is not None and not isinstance(audit, DecodeAudit):
-        raise ValueError(f"audit must be a DecodeAudit, got {type(audit).__name__}")
+    _check_arguments(split, image_size, batch_size, interpolation, audit)
+    if repeat and not training:
+        raise ValueError("make_dataset(repeat=True) is for training streams only")
     if drop_remainder is None:
         drop_remainder = training
     if cache == "auto":
@@ -337,52 +375,26 @@ def make_dataset(
     buffer = shuffle_buffer or max(len(split), 1)
     if shuffle_buffer is None and split.kind == "tfds" and not cache:
         buffer = min(buffer, 10_000)  # these elements are decoded images (file paths cost nothing to hold)
-
-    if repeat and not training:
-        raise ValueError("make_dataset(repeat=True) is for training streams only")
-    finish = None
-    keep_order = None  # the options decide, except where a files stream's record relies on the decode order
-    if split.kind == "files":
-        keep_order = True
-        if audit is None:
-            audit = split.audit if split.audit is not None else DecodeAudit()
-        ds, finish = _file_stream(split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed)
-    else:
-        ds = _base_dataset(split, training, seed)
-        if training and not cache:
-            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-            if repeat:
-                ds = ds.repeat()
-    if training:
-        if cache and finish is None:  # files streams cache their decoded images themselves
-            ds = ds.cache().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-            if repeat:
-                ds = ds.repeat()
-        if image_map is None:
-
-            def image_map(image):
-                return _resize(image, image_size, image_size, interpolation)
-
-        def per_image(image, label):
-            out = tf.cast(image_map(image), tf.float32)
-            return tf.ensure_shape(out, [image_size, image_size, 3]), label
-
-        ds = ds.map(per_image, num_parallel_calls=autotune, deterministic=keep_order)
-    else:
-
-        def per_image(image, label):
-            return eval_transform(image, image_size, crop_pct, interpolation), label
-
-        ds = ds.map(per_image, num_parallel_calls=autotune, deterministic=keep_order)
-        if cache:
-            ds = ds.cache()
+    ds, finish = _shuffled_stream(split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed)
+    keep_order = True if split.kind == "files" else None  # a files stream's record relies on the decode order
+    ds = ds.map(
+        _per_image(training, image_size, crop_pct, interpolation, image_map),
+        num_parallel_calls=autotune,
+        deterministic=keep_order,
+    )
+    ds = ds.cache() if cache and not training else ds
     if finish is None:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
     else:
         ds = finish(ds, batch_size, drop_remainder)
     if batch_map is not None:
         ds = ds.map(batch_map, num_parallel_calls=autotune)
+    return _sharded_by_element(ds).prefetch(autotune)
+
+
+def _sharded_by_element(ds):
+    """File lists cannot be sharded by file: under tf.distribute, shard by element."""
+    tf = import_tf()
     options = tf.data.Options()
-    # File lists cannot be sharded by file; shard by element under tf.distribute.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options).prefetch(autotune)
+    return ds.with_options(options)
