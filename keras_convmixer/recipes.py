@@ -242,6 +242,8 @@ def _check_pairs_and_counts(cfg):
         if len(values) != 3 or len(numbers) != 3 or (key == "std" and min(numbers) <= 0):
             kind = "positive numbers" if key == "std" else "finite numbers"
             raise ValueError(f"--{key} must be three {kind} (R,G,B), got {values!r}.")
+        if max(numbers) > 1 or min(numbers) < 0:  # pixels are normalised on the 0-1 scale, as timm writes it
+            raise ValueError(f"--{key} {values!r} must be fractions of 1 (e.g. 0.485,0.456,0.406), not 0-255 values.")
     val_split = cfg["val_split"]
     if not (0 <= val_split < 1 or (val_split >= 1 and math.isfinite(val_split) and float(val_split).is_integer())):
         raise ValueError(f"--val-split {val_split} must be a fraction in [0, 1) or a whole number of images.")

@@ -9,7 +9,7 @@ import keras
 import pytest
 
 from keras_convmixer import recipes, settings
-from keras_convmixer.presets import CIFAR10_MEAN, IMAGENET_MEAN, MODEL_CONFIGS, PRETRAINED
+from keras_convmixer.presets import CIFAR10_MEAN, IMAGENET_MEAN, MODEL_CONFIGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
@@ -68,8 +68,8 @@ def test_recipe_values_then_overrides():
         classifier_activation=None,
         dropout=0.0,
         initializer="torch",
-        mean=list(CIFAR10_MEAN),
-        std=list(cfg["std"]),
+        mean=[0.4914, 0.4822, 0.4465],
+        std=[0.2471, 0.2435, 0.2616],
     )
     json.dumps(cfg)  # the record in config.json
 
@@ -194,14 +194,10 @@ def test_settings_follow_the_weights_unless_given():
 
 
 def test_imagenet_weights_set_the_published_eval_transform():
-    row = PRETRAINED["convmixer_768_32"]
+    # The released 768/32 was evaluated at 224 px, crop 0.96, bicubic, ImageNet mean/std (REFERENCE.md).
     cfg = recipes.resolve_config("cifar10", {"weights": "imagenet", "model": "convmixer_768_32"})
-    assert (cfg["image_size"], cfg["crop_pct"], cfg["interpolation"]) == (
-        row["image_size"],
-        row["crop_pct"],
-        row["interpolation"],
-    )
-    assert cfg["mean"] == list(row["mean"]) and cfg["std"] == list(row["std"])  # not the recipe's CIFAR ones
+    assert (cfg["image_size"], cfg["crop_pct"], cfg["interpolation"]) == (224, 0.96, "bicubic")
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["std"] == [0.229, 0.224, 0.225]  # not the recipe's CIFAR ones
     given = recipes.resolve_config("cifar10", {"weights": "imagenet", "model": "convmixer_768_32", "image_size": 112})
     assert given["image_size"] == 112 and given["model_kwargs"]["input_shape"] == [112, 112, 3]
 
@@ -261,6 +257,8 @@ def test_normalisation_flags_and_agreeing_architecture_are_accepted():
         ({"std": [0.2, 0.0, 0.2]}, "--std must be three positive numbers (R,G,B), got [0.2, 0.0, 0.2]."),
         ({"mean": [0.5, 0.5]}, "--mean must be three finite numbers (R,G,B), got [0.5, 0.5]."),
         ({"mean": [0.5, float("nan"), 0.5]}, "--mean must be three finite numbers"),
+        ({"mean": [123.7, 116.3, 103.5]}, "--mean [123.7, 116.3, 103.5] must be fractions of 1 (e.g. 0.485"),
+        ({"std": [0.2, -0.1, 0.2]}, "--std must be three positive numbers"),
         ({"in_memory": "yes"}, "--in-memory must be true or false, got 'yes'."),
         ({"mixup_alpha": -1}, "--mixup -1 is out of range: it must be in [0, inf)."),
     ],
