@@ -142,3 +142,88 @@ def test_the_decode_logs_its_progress(tmp_path, caplog, monkeypatch):
         data.load_in_memory(f"folder:{root}", image_size=8, val_split=0, cache_dir=str(tmp_path / "c"))
     assert not [r for r in caplog.records if r.getMessage().startswith("decoded image files")]
     assert any(r.getMessage().startswith("read 33 decoded images from cache") for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- the training stream
+
+
+def chained_permutations(n, seed, passes):
+    # The rule written out independently: seeded permutations of all n examples, one after another.
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(n) for _ in range(passes)])
+
+
+def tagged_arrays(n):
+    # Each image carries its index in every pixel, so a batch shows which examples it holds.
+    images = (np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1) * np.ones((1, 2, 3, 3), np.uint8)).copy()
+    return images, (np.arange(n, dtype=np.int32) * 7) % 10
+
+
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_stream_cuts_chained_permutations_into_batches(placement):
+    if placement == "device" and keras.backend.backend() != "jax":
+        pytest.skip("the device-resident stream is JAX's")
+    n, batch = 23, 5  # batches straddle the passes; chunks of 2 steps straddle them too
+    images, labels = tagged_arrays(n)
+    stream = in_memory.batch_stream(images, labels, batch, seed=4, placement=placement, chunk_steps=2)
+    drawn = [next(stream) for _ in range(14)]  # 70 examples: three passes and one more
+    expected = chained_permutations(n, 4, passes=4)[:70]
+    got = np.concatenate([keras.ops.convert_to_numpy(x["images"])[:, 0, 0, 0] for x, _ in drawn])
+    np.testing.assert_array_equal(got, expected)
+    for x, y in drawn:  # the labels travel with their images, twice (input and target)
+        index = keras.ops.convert_to_numpy(x["images"])[:, 0, 0, 0]
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(y), labels[index])
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(x["labels"]), labels[index])
+        assert keras.ops.convert_to_numpy(x["images"]).dtype == np.uint8  # 1 byte a pixel crosses
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the device-resident stream is JAX's")
+def test_device_stream_copies_nothing_per_step():
+    import jax
+
+    n, batch = 40, 8
+    images, labels = tagged_arrays(n)
+    stream = in_memory.batch_stream(images, labels, batch, seed=0, placement="device")
+    first, _ = next(stream)  # copies the data to the device and gathers the first pass
+    assert isinstance(first["images"], jax.Array)
+    # The rest of the pass: no transfer to the device at all, not even an explicit one. (A read back
+    # would be a sync; the CPU backend's guard cannot see one, its device memory being the host's.)
+    with jax.transfer_guard_host_to_device("disallow_explicit"):
+        rest = [next(stream) for _ in range(n // batch - 1)]
+    assert all(isinstance(x["images"], jax.Array) for x, _ in rest)
+    seen = np.concatenate([np.asarray(x["images"])[:, 0, 0, 0] for x in [first, *(x for x, _ in rest)]])
+    assert sorted(seen.tolist()) == list(range(n))
+    # The next pass starts with one transfer: its indices.
+    guard = jax.transfer_guard_host_to_device("disallow_explicit")
+    with pytest.raises(Exception, match="host-to-device transfer"), guard:
+        next(stream)
+
+
+def test_stream_placement_rules():
+    images, labels = tagged_arrays(12)
+    on_jax = keras.backend.backend() == "jax"
+    assert in_memory.stream_placement(images) == ("device" if on_jax else "host")
+    assert in_memory.stream_placement(images, max_device_bytes=images.nbytes - 1) == "host"
+    assert in_memory.stream_placement(images, "host") == "host"
+    with pytest.raises(ValueError, match="placement must be one of"):
+        in_memory.stream_placement(images, "gpu")
+    if not on_jax:
+        with pytest.raises(ValueError, match="needs the JAX backend"):
+            in_memory.stream_placement(images, "device")
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        next(in_memory.batch_stream(images, labels, 13, seed=0))
+    with pytest.raises(ValueError, match="12 images but 11 labels"):
+        next(in_memory.batch_stream(images, labels[:11], 4, seed=0))
+
+
+def test_fit_trains_from_the_stream():
+    # What training does with it: an endless stream, a fixed number of steps per epoch.
+    images, labels = tagged_arrays(32)
+    pixels = keras.Input((2, 3, 3), name="images", dtype="uint8")
+    ids = keras.Input((), name="labels", dtype="int32")
+    flat = keras.layers.Flatten()(keras.ops.cast(pixels, "float32") / 32.0)
+    model = keras.Model({"images": pixels, "labels": ids}, keras.layers.Dense(10)(flat))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    stream = in_memory.batch_stream(images, labels, 8, seed=0)
+    history = model.fit(stream, steps_per_epoch=4, epochs=2, shuffle=False, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()

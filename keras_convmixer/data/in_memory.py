@@ -263,3 +263,86 @@ def load_in_memory(
         failures,
         None if where is None else str(where),
     )
+
+
+# ----------------------------------------------------------------------------- the training stream
+
+# Above this, the uint8 training images stay on the host and each batch is gathered there: the
+# device keeps the images plus about two chunks of gathered batches, three times this at most.
+DEVICE_RESIDENT_MAX_BYTES = 2 * 1024**3
+STREAM_PLACEMENTS = ("auto", "host", "device")
+
+
+def index_batches(n, batch_size, seed):
+    """Endless batches of indices into ``n`` examples: seeded permutations chained and cut into
+    ``batch_size`` pieces, so a batch that ends one pass continues in the next (as the tf.data path's
+    repeated shuffle), and a short epoch still draws from every example."""
+    rng = np.random.default_rng(seed)
+    pending = np.zeros(0, dtype=np.int64)
+    while True:
+        while len(pending) < batch_size:
+            pending = np.concatenate([pending, rng.permutation(n)])
+        index, pending = pending[:batch_size], pending[batch_size:]
+        yield index
+
+
+def stream_placement(images, placement="auto", max_device_bytes=DEVICE_RESIDENT_MAX_BYTES):
+    """``"device"`` or ``"host"``: where ``batch_stream`` gathers batches.
+
+    ``"auto"`` is ``"device"`` on the JAX backend with no ``keras.distribution`` set (a distribution
+    shards each host batch itself) and images of at most ``max_device_bytes``; ``"host"`` otherwise.
+    """
+    if placement not in STREAM_PLACEMENTS:
+        raise ValueError(f"placement must be one of {STREAM_PLACEMENTS}, got {placement!r}.")
+    import keras
+
+    on_jax = keras.backend.backend() == "jax"
+    if placement == "device" and not on_jax:
+        raise ValueError(f"placement='device' needs the JAX backend, not {keras.backend.backend()}.")
+    if placement != "auto":
+        return placement
+    if not on_jax or keras.distribution.distribution() is not None:
+        return "host"
+    return "device" if images.nbytes <= max_device_bytes else "host"
+
+
+def batch_stream(images, labels, batch_size, seed, placement="auto", chunk_steps=None):
+    """Endless seeded stream of ``({"images", "labels"}, labels)`` training batches over in-memory arrays,
+    for ``model.fit(stream, steps_per_epoch=...)``. Batches follow ``index_batches`` on every placement.
+
+    ``placement="host"``: each batch is gathered with NumPy (a copy of the batch per step), and Keras
+    copies it to the device. ``"device"`` (JAX): the images and labels are copied to the device once;
+    then every ``chunk_steps`` steps (default: one pass over the data) one jitted call gathers the next
+    batches there from one small host array of indices, and each step only hands over an array the
+    device already holds: no per-step copy and no host sync. ``"auto"``: see ``stream_placement``.
+    """
+    labels = np.asarray(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+    if not 1 <= int(batch_size) <= len(labels):
+        raise ValueError(f"batch_size must be in [1, {len(labels)}] (the number of examples), got {batch_size!r}.")
+    batches = index_batches(len(labels), int(batch_size), seed)
+    if stream_placement(images, placement) == "host":
+        for index in batches:
+            y = labels[index]
+            yield {"images": images[index], "labels": y}, y
+        return
+    yield from _device_batches(images, labels, batches, chunk_steps or max(1, len(labels) // int(batch_size)))
+
+
+def _device_batches(images, labels, batches, chunk_steps):
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def gather(x, y, index):
+        # One output per step: each step's batch is its own buffer, handed over as it is.
+        xs, ys = jnp.take(x, index, axis=0), jnp.take(y, index, axis=0)
+        return tuple(xs[k] for k in range(index.shape[0])), tuple(ys[k] for k in range(index.shape[0]))
+
+    x, y = jax.device_put(images), jax.device_put(labels)
+    while True:
+        index = np.stack([next(batches) for _ in range(chunk_steps)]).astype(np.int32)
+        xs, ys = gather(x, y, jax.device_put(index))
+        for xb, yb in zip(xs, ys, strict=True):
+            yield {"images": xb, "labels": yb}, yb
