@@ -48,10 +48,13 @@ class MixupCutmix(keras.layers.Layer):
         self.host = bool(host)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.mixup = keras.layers.MixUp(alpha=self.mixup_alpha, seed=seed) if self.mixup_alpha > 0 else None
+        # Each inner layer its own seed: layers seeded alike draw the same uniforms, which would tie
+        # the choice between MixUp and CutMix to MixUp's own draws.
+        inner = (None, None) if seed is None else (int(seed) + 1, int(seed) + 2)
+        self.mixup = keras.layers.MixUp(alpha=self.mixup_alpha, seed=inner[0]) if self.mixup_alpha > 0 else None
         # CutMix's factor is the range its alpha is drawn from: pin it to cutmix_alpha.
         self.cutmix = (
-            keras.layers.CutMix(factor=(self.cutmix_alpha, self.cutmix_alpha), seed=seed)
+            keras.layers.CutMix(factor=(self.cutmix_alpha, self.cutmix_alpha), seed=inner[1])
             if self.cutmix_alpha > 0
             else None
         )

@@ -62,22 +62,44 @@ def _erasing(cfg, seed):
     return RandomErasing(cfg["reprob"], mode="pixel", mean=cfg["mean"], std=cfg["std"], seed=seed)
 
 
-def _image_layers(cfg, seed):
-    """flip, RandAugment (or colour jitter), erasing, in timm's order; value range [0, 255]."""
+# Where each random layer of the device stack takes its seed: ``seed + offset``. Keras layers given one
+# seed draw the same uniforms in the same order on the device, so with one seed for all an image's flip
+# decided its RandAugment op (flipped <=> one of the first half of the ops) and its crop box.
+DEVICE_SEED_OFFSETS = {"crop": 0, "flip": 1, "randaugment": 2, "color_jitter": 3, "erasing": 4, "mix": 5}
+
+
+def device_seed(seed, layer):
+    """The seed of ``layer`` (a ``DEVICE_SEED_OFFSETS`` key) in the device stack seeded with ``seed``."""
+    return None if seed is None else int(seed) + DEVICE_SEED_OFFSETS[layer]
+
+
+def _image_layers(cfg, seed, device=False):
+    """flip, RandAugment (or colour jitter), erasing, in timm's order; value range [0, 255].
+
+    ``device``: each layer its own seed (``device_seed``). The host's layers draw from tf.random ops, whose
+    seeds TensorFlow already tells apart."""
+
+    def seed_of(layer):
+        return device_seed(seed, layer) if device else seed
+
     layers = []
     if cfg["hflip"] > 0:
-        layers.append(_flip(cfg, seed))
+        layers.append(_flip(cfg, seed_of("flip")))
     if cfg["randaug_n"] > 0:
-        layers.append(make_randaugment(cfg, seed))
+        layers.append(make_randaugment(cfg, seed_of("randaugment")))
     elif cfg["color_jitter"] > 0:  # timm: no colour jitter when RandAugment is on
         j = cfg["color_jitter"]
         layers.append(
             keras.layers.RandomColorJitter(
-                value_range=(0, 255), brightness_factor=j, contrast_factor=j, saturation_factor=j, seed=seed
+                value_range=(0, 255),
+                brightness_factor=j,
+                contrast_factor=j,
+                saturation_factor=j,
+                seed=seed_of("color_jitter"),
             )
         )
     if cfg["reprob"] > 0:
-        layers.append(_erasing(cfg, seed))
+        layers.append(_erasing(cfg, seed_of("erasing")))
     return layers
 
 
@@ -196,7 +218,7 @@ def make_batch_mix(cfg, num_classes, host):
         switch_prob=cfg["switch_prob"],
         label_smoothing=cfg["label_smoothing"],
         host=host,
-        seed=cfg["seed"],
+        seed=cfg["seed"] if host else device_seed(cfg["seed"], "mix"),
     )
 
 
@@ -253,12 +275,12 @@ class DeviceAugment(keras.layers.Layer):
                 self.cfg["crop_scale"],
                 self.cfg["crop_ratio"],
                 interpolation=self.cfg["train_interpolation"],
-                seed=seed,
+                seed=device_seed(seed, "crop"),
             )
             if crop
             else None
         )
-        self.image_layers = _image_layers(self.cfg, seed)
+        self.image_layers = _image_layers(self.cfg, seed, device=True)
 
     def build(self, input_shape):
         shape = tuple(input_shape)
