@@ -11,6 +11,9 @@ Examples:
       --ours-args "--in-memory --augment-on device" --out /tmp/parity/results.json
   python benchmarks/recipe_parity.py --table-only --out /tmp/parity/results.json
   python benchmarks/recipe_parity.py --side torch --epochs 1 --steps 2 --out /tmp/parity/smoke.json   # smoke
+  # The official script's full 25-epoch setting on a GPU, as that script runs it (AMP, every batch):
+  python benchmarks/recipe_parity.py --side torch --device cuda --dim 256 --depth 8 --patch-size 2 \\
+      --epochs 25 --steps 0 --workers 8 --seeds 0 --out /tmp/parity/full.json
 """
 
 import argparse
@@ -88,6 +91,17 @@ def _seed_worker(worker_id):
     np.random.seed(s)
 
 
+def torch_device(name):
+    """``"cuda"`` or ``"cpu"`` for ``--device`` (``auto``: CUDA where torch sees a GPU)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    return name
+
+
 def run_torch(seed, split, cfg, log=print):
     import torch
     from torch import nn
@@ -115,8 +129,14 @@ def run_torch(seed, split, cfg, log=print):
     )
     eval_tf = T.Compose([T.ToTensor(), normalize])
 
+    device = torch_device(cfg["device"])
     workers = cfg["workers"]
-    loader_kw = dict(num_workers=workers, worker_init_fn=_seed_worker, persistent_workers=workers > 0)
+    loader_kw = dict(
+        num_workers=workers,
+        worker_init_fn=_seed_worker,
+        persistent_workers=workers > 0,
+        pin_memory=device == "cuda",
+    )
     train_loader = torch.utils.data.DataLoader(
         _FileDataset(train_files, train_labels, train_tf),
         batch_size=cfg["batch_size"],
@@ -128,9 +148,15 @@ def run_torch(seed, split, cfg, log=print):
     val_loader = torch.utils.data.DataLoader(
         _FileDataset(val_files, val_labels, eval_tf), batch_size=500, shuffle=False, **loader_kw
     )
-    steps = min(cfg["steps"], len(train_loader))
+    # --steps 0: whole epochs (every full batch of a shuffled pass), as the official script runs.
+    steps = min(cfg["steps"], len(train_loader)) if cfg["steps"] else len(train_loader)
+    # The official script trains with AMP (float16 autocast and a GradScaler) on the GPU.
+    amp = device == "cuda" if cfg["amp"] == "auto" else cfg["amp"] == "on"
+    if amp and device != "cuda":
+        raise SystemExit("--amp on needs --device cuda (the official script's float16 autocast)")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    model = torch_convmixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], 10)
+    model = torch_convmixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], 10).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     criterion = nn.CrossEntropyLoss()
     lr_schedule = one_cycle(cfg["epochs"], cfg["lr"])
@@ -144,11 +170,14 @@ def run_torch(seed, split, cfg, log=print):
                 break
             lr = lr_schedule(epoch + (i + 1) / steps)
             opt.param_groups[0].update(lr=lr)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad()
-            out = model(x)
-            loss = criterion(out, y)
-            loss.backward()
-            opt.step()
+            with torch.autocast(device, dtype=torch.float16, enabled=amp):
+                out = model(x)
+                loss = criterion(out, y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
@@ -162,7 +191,9 @@ def run_torch(seed, split, cfg, log=print):
     correct = total = 0
     with torch.no_grad():
         for x, y in val_loader:
-            correct += (model(x).argmax(1) == y).sum().item()
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device, dtype=torch.float16, enabled=amp):
+                correct += (model(x).argmax(1) == y).sum().item()
             total += len(y)
     wall = time.perf_counter() - t0
     top1 = correct / total
@@ -175,6 +206,11 @@ def run_torch(seed, split, cfg, log=print):
         num_val=total,
         wall_time_s=round(wall, 1),
         train_time_s=round(train_time, 1),
+        device=device if device == "cpu" else f"cuda ({torch.cuda.get_device_name()})",
+        amp=amp,
+        steps_per_epoch=steps,
+        images_per_sec=round(cfg["epochs"] * steps * cfg["batch_size"] / train_time, 1),
+        workers=workers,
     )
 
 
@@ -204,8 +240,7 @@ def run_ours(seed, cfg, backend, extra, out_dir, log=print):
         str(cfg["patch_size"]),
         "--epochs",
         str(cfg["epochs"]),
-        "--steps-per-epoch",
-        str(cfg["steps"]),
+        *(["--steps-per-epoch", str(cfg["steps"])] if cfg["steps"] else []),
         "--batch-size",
         str(cfg["batch_size"]),
         "--lr",
@@ -337,9 +372,18 @@ def build_parser():
     a("--table-only", action="store_true", help="print the table from --out and exit")
     a("--workers", type=int, default=2, help="torch DataLoader workers")
     a("--threads", type=int, default=2, help="torch intra-op threads")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch side: where it trains")
+    a(
+        "--amp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch side: float16 autocast + GradScaler, as the official script (auto: on with CUDA)",
+    )
     g = p.add_argument_group("budget (defaults: the parity budget; lower them for a smoke run)")
     g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--steps", type=int, default=30, help="steps per epoch (shuffled batches drawn per epoch)")
+    g.add_argument(
+        "--steps", type=int, default=30, help="steps per epoch (shuffled batches drawn per epoch); 0: whole epochs"
+    )
     g.add_argument("--batch-size", type=int, default=512)
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.005)
@@ -353,9 +397,11 @@ def build_parser():
 
 
 def _check(parser, args):
-    for name in ("epochs", "steps", "batch_size", "dim", "depth", "kernel_size", "patch_size", "val_count"):
+    for name in ("epochs", "batch_size", "dim", "depth", "kernel_size", "patch_size", "val_count"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.steps < 0:
+        parser.error(f"--steps must be 0 (whole epochs) or more, got {args.steps}")
     if args.workers < 0 or args.threads < 1:
         parser.error("--workers must be >= 0 and --threads >= 1")
     if not args.seeds:
@@ -378,9 +424,10 @@ def main(argv=None):
         print(msg, flush=True)
 
     cfg = dict(vars(args), data=str(Path(args.data).expanduser()))
+    steps = f"{args.steps} steps" if args.steps else "all steps"
     budget = (
         f"ConvMixer-{args.dim}/{args.depth} k{args.kernel_size} p{args.patch_size}, {args.epochs} ep x "
-        f"{args.steps} steps x {args.batch_size}, lr {args.lr}, wd {args.weight_decay}, "
+        f"{steps} x {args.batch_size}, lr {args.lr}, wd {args.weight_decay}, "
         f"RandAugment n{args.ra_n} m{args.ra_m}"
     )
     log(f"budget: {budget}")
