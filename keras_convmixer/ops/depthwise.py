@@ -21,19 +21,19 @@ IMPLS = ("auto", "fast", "keras", "xla")
 
 # What "auto" runs on each (backend, platform): the implementation that was
 # fastest in `scripts/benchmark.py` there (docs/benchmarks.md has the full
-# runs). Unlisted pairs run "keras". No GPU has been measured: add ("jax",
-# "gpu") only after a GPU run.
-# Measured 2026-11-25 on the 2-core CPU dev box (shared, load average 5-10),
-# float32, medians, one run:
-#   ("jax", "cpu") -> "xla": depthwise k9 (8, 32, 32, 256) forward 35.0 ms
-#     vs 1292.0 ms "keras" (XLA grouped conv), forward+backward 61.5 vs
-#     12148.1 ms; ConvMixer-256/8 training (32x32, batch 64) 9.48 vs 2.06
-#     img/s. An earlier run: ConvMixer-1024/20 inference (224x224, batch 16)
-#     0.71 vs 0.20 img/s.
-#   tensorflow and torch stay "keras" (no other implementation runs there):
-#     the same op forward+backward took 361.6 ms on TensorFlow's native kernel
-#     (PyTorch channels_last 183.6 ms in that run) and 164.1 ms on Keras-on-
-#     torch (PyTorch channels_last 208.0 ms in that run).
+# runs, with the honest harness: every backward from a random cotangent, y
+# returned). Unlisted pairs run "keras". No GPU has run the current kernels:
+# add ("jax", "gpu") only after benchmarks/gpu_check.py has measured one.
+#   ("jax", "cpu") -> "xla". 2026-12-07, the 2-core CPU dev box (shared, load
+#     average about 10), float32, medians, one run each, depthwise k9
+#     (8, 32, 32, 256), forward + backward in one step: "xla" 239.5 ms against
+#     PyTorch channels_last 342.0 ms (run 1); "xla" 395.0 ms against "keras"
+#     (XLA's grouped convolution) 24760.0 ms (run 2). ConvMixer-256/8 training
+#     (32x32, batch 64, run 1): "xla" 6.53 img/s, PyTorch NCHW 5.35,
+#     channels_last 5.30. (2026-11-25, same harness for models: "xla" 9.48
+#     against "keras" 2.06 img/s.)
+#   tensorflow and torch stay "keras": no other implementation runs there
+#     (Keras-on-torch is PyTorch's own kernel).
 AUTO_IMPL = {
     ("jax", "cpu"): "xla",
 }
