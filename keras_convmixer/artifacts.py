@@ -20,6 +20,7 @@ import zipfile
 import numpy as np
 
 from keras_convmixer import presets, pretrained, rundir, structure
+from keras_convmixer.atomic import read_json
 from keras_convmixer.errors import first_line
 
 DEFAULT_IMAGE_SIZE = presets.UNNAMED_EVAL["image_size"]
@@ -120,7 +121,7 @@ def is_saved_model_dir(path):
 
 
 def _open_run_dir(path):
-    config = rundir.read_json(os.path.join(path, rundir.CONFIG))
+    config = read_json(os.path.join(path, rundir.CONFIG))
     present = [name for name in rundir.MODEL_FILES if os.path.isfile(os.path.join(path, name))]
     if not present:
         raise ModelPathError(f"Run dir {path!r} has no model file ({', '.join(rundir.MODEL_FILES)}).")
@@ -190,7 +191,7 @@ def _open_saved_model(path):
     meta_file = os.path.join(path, "export.json")
     if not os.path.isfile(meta_file):
         raise ModelPathError(f"SavedModel {path!r} has no export.json (not exported by keras_convmixer).")
-    meta = rundir.read_json(meta_file)
+    meta = read_json(meta_file)
     absent = [key for key in ("run_config", "input", "class_names") if not isinstance(meta.get(key), (dict, list))]
     if absent:
         raise ModelPathError(f"{meta_file!r} lacks {absent[0]!r} (not written by keras_convmixer's export).")

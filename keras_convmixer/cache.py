@@ -6,14 +6,13 @@ its evaluation metadata. The cache lives in ``<KERAS_HOME or ~/.keras>/models/co
 needs neither the network nor torch nor Keras. This module imports no Keras.
 """
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
 
+from keras_convmixer.atomic import atomic_path, read_json, write_json
 from keras_convmixer.errors import first_line
-from keras_convmixer.rundir import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +79,8 @@ def store(key, name, state, **entry):
     directory = cache_dir()
     os.makedirs(directory, exist_ok=True)
     file = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{entry['sha256'][:16]}.safetensors"
-    # Written beside and renamed into place, so that a kill mid-write never leaves a torn file under the name.
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{file}")
-    try:
+    with atomic_path(os.path.join(directory, file)) as tmp:
         save_file(state, tmp)
-        os.replace(tmp, os.path.join(directory, file))
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
     entries = _read_index()
     entries[key] = dict(entry, file=file, format=FORMAT)
     write_json(os.path.join(directory, INDEX), {"entries": entries})

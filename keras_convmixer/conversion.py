@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from keras_convmixer import convert, presets, rundir
+from keras_convmixer import atomic, convert, presets, rundir
 from keras_convmixer.models import ConvMixer
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,10 @@ def convert_checkpoint(
     )
     class_names, names_from = _class_names(class_names, arch)
     os.makedirs(output_dir, exist_ok=True)
-    model.save_weights(os.path.join(output_dir, "model.weights.h5"))
-    rundir.save_model(model, os.path.join(output_dir, "model.keras"))
+    atomic.save_weights(model, os.path.join(output_dir, "model.weights.h5"))
+    atomic.save_model(model, os.path.join(output_dir, "model.keras"))
     config = _folder_config(path, arch, class_names, names_from, use_ema)
-    rundir.write_json(os.path.join(output_dir, rundir.CONFIG), config)
+    atomic.write_json(os.path.join(output_dir, rundir.CONFIG), config)
     return config
 
 

@@ -18,6 +18,7 @@ import os
 import re
 
 from keras_convmixer import cache, convert, hub, presets, rundir, structure
+from keras_convmixer.atomic import read_json
 from keras_convmixer.errors import first_line
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def saved_config(path):
     """The config.json of a run directory, or the one beside a ``.keras`` file; ``{}`` where there is none."""
     path = os.fspath(path)
     config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), rundir.CONFIG)
-    return rundir.read_json(config_file) if os.path.isfile(config_file) else {}
+    return read_json(config_file) if os.path.isfile(config_file) else {}
 
 
 def _resolve_saved(path):
