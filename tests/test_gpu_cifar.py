@@ -68,6 +68,10 @@ def test_stream_tees_and_stops_at_its_time_limit(tmp_path):
     rc, wall, tail = gpu_cifar.stream([sys.executable, "-c", prog], None, tmp_path / "log", seen.append, 0.5)
     assert rc == "timeout" and wall < 5 and 0 < len(seen) < 100
     assert (tmp_path / "log").read_text().splitlines()[: len(seen)] == seen and tail[-1] == seen[-1]
+    # A silent run (validation, compilation) is stopped at its limit too, not at its next line.
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    rc, wall, _ = gpu_cifar.stream(silent, None, tmp_path / "log3", seen.append, 0.5)
+    assert rc == "timeout" and wall < 10
     rc, _, _ = gpu_cifar.stream([sys.executable, "-c", "print('x')"], None, tmp_path / "log2", seen.append, 30)
     assert rc == 0 and seen[-1] == "x"
 
