@@ -24,9 +24,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install --no-deps timm==1.0.31 torchvision==0.28.0
 	touch $@
 
-# One pytest process per backend: Keras picks its backend once per process.
+# One pytest process per backend: Keras picks its backend once per process. The three run side by side
+# (-j): much of a test's time is single-threaded tracing, compiling and waiting on subprocesses, so a
+# 2-core machine finishes them sooner together than one after another. -O prints each backend's output
+# whole when it ends. TEST_JOBS=1 runs them one at a time.
+TEST_JOBS ?= 3
 test: install
-	@set -e; for b in $(BACKENDS); do $(MAKE) --no-print-directory test-$$b; done
+	@$(MAKE) --no-print-directory -j$(TEST_JOBS) -O $(addprefix test-,$(BACKENDS))
 
 $(addprefix test-,$(BACKENDS)): test-%: install
 	@echo "=== KERAS_BACKEND=$* ==="

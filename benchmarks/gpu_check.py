@@ -53,7 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SECTIONS = ("env", "check", "sweep", "op", "torch", "model", "torch_compile")
-# At most 12 configurations; the first is DEFAULT_PALLAS_BLOCKS (keras_convmixer/ops/depthwise.py).
+# At most 12 configurations; the first is DEFAULT_PALLAS_BLOCKS (keras_convmixer/ops/tuning.py).
 SWEEP = [
     dict(block_p=bp, block_c=bc, num_warps=nw, num_stages=2, images_per_group=ig)
     for bp, bc, nw, ig in (
@@ -113,8 +113,8 @@ def median_ms(run, steps, warmup):
 
 def op_impls(blocks):
     """{name: fn(x, kernel, bias)}: every implementation of the op, the Pallas ones with fixed blocks."""
+    from benchmarks.depthwise_pallas_v1 import depthwise_conv2d_pallas as v1
     from keras_convmixer.ops.depthwise_pallas import depthwise_conv2d_pallas
-    from keras_convmixer.ops.depthwise_pallas_v1 import depthwise_conv2d_pallas as v1
     from keras_convmixer.ops.depthwise_xla import depthwise_conv2d_xla
 
     impls = {"keras": lambda x, w, b: _keras_op(x, w, b), "xla": depthwise_conv2d_xla, "pallas_v1": v1}
@@ -465,9 +465,9 @@ def run(args):
     import torch
 
     torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from keras_convmixer.ops import depthwise
+    from keras_convmixer.ops import tuning
 
-    blocks = {"fast": depthwise.pallas_blocks()}
+    blocks = {"fast": tuning.pallas_blocks()}
     op_shape, model_cfg = shapes["op"], shapes["model"]
     fit_batches = 2 if args.dry_run else 8
     for section in args.sections:
@@ -485,7 +485,7 @@ def run(args):
                 # For this run only: the model section then runs the swept blocks.
                 import jax
 
-                depthwise.PALLAS_BLOCKS[jax.devices()[0].device_kind] = best
+                tuning.PALLAS_BLOCKS[jax.devices()[0].device_kind] = best
             elif section == "op":
                 op_section(report, op_shape, op_impls(blocks), steps, warmup, torch_device)
             elif section in ("torch", "torch_compile"):

@@ -192,8 +192,8 @@ def test_gpu_check_dry_run_writes_json_lines_without_tensorflow(tmp_path, monkey
 
 def test_gpu_check_sweep_is_small_and_starts_at_the_default():
     from benchmarks import gpu_check
-    from keras_convmixer.ops.depthwise import DEFAULT_PALLAS_BLOCKS
     from keras_convmixer.ops.depthwise_pallas import BLOCK_KEYS
+    from keras_convmixer.ops.tuning import DEFAULT_PALLAS_BLOCKS
 
     assert len(gpu_check.SWEEP) <= 12 and gpu_check.SWEEP[0] == DEFAULT_PALLAS_BLOCKS
     for config in gpu_check.SWEEP:

@@ -9,7 +9,7 @@ import pytest
 from keras_convmixer.layers import ConvMixerBlock
 from keras_convmixer.models import ConvMixer
 from keras_convmixer.ops import IMPLS, depthwise_conv2d, resolve_impl
-from keras_convmixer.ops.depthwise import AUTO_IMPL
+from keras_convmixer.ops.tuning import AUTO_IMPL
 
 BACKEND = keras.backend.backend()
 jax_only = pytest.mark.skipif(BACKEND != "jax", reason="the fast and xla paths exist on the JAX backend only")

@@ -111,7 +111,7 @@ def test_default_blocks_and_the_op_entry_point():
     import jax.numpy as jnp
 
     from keras_convmixer.ops import depthwise_conv2d
-    from keras_convmixer.ops.depthwise import DEFAULT_PALLAS_BLOCKS, pallas_blocks
+    from keras_convmixer.ops.tuning import DEFAULT_PALLAS_BLOCKS, pallas_blocks
 
     assert pallas_blocks("no such device") == DEFAULT_PALLAS_BLOCKS
     x, kernel, bias, cotangent = (jnp.asarray(a, jnp.float32) for a in _random((1, 3, 5, 40), 5, seed=0))
@@ -143,8 +143,8 @@ def test_kernels_lower_for_cuda_through_triton(k, dtype, blocks):
     import jax
     import jax.numpy as jnp
 
-    from keras_convmixer.ops.depthwise import DEFAULT_PALLAS_BLOCKS
     from keras_convmixer.ops.depthwise_pallas import depthwise_conv2d_pallas
+    from keras_convmixer.ops.tuning import DEFAULT_PALLAS_BLOCKS
 
     blocks = blocks or DEFAULT_PALLAS_BLOCKS
 

@@ -4,6 +4,7 @@ The import checks run in fresh interpreters and look at ``sys.modules``, not at 
 parser imports decides how fast ``--help`` and argument errors are, whatever the machine.
 """
 
+import ast
 import json
 import os
 import pathlib
@@ -17,7 +18,23 @@ import keras_convmixer as kc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "keras_convmixer"
 # A module past this has, so far each time, taken on a second concern (the old data.py held five at 872 lines).
-MAX_MODULE_LINES = 500
+MAX_MODULE_LINES = 400
+# A function past this has, so far each time, been doing several things (the old _train_locked did ten in 110).
+MAX_FUNCTION_LINES = 60
+# Left over the limits on purpose, each with its reason.
+OVER_THE_LIMIT = {
+    # Fourteen ops and their magnitude tables, one per torchvision/timm op set; splitting the tables from
+    # the layer is the next step.
+    "keras_convmixer/augment/randaugment.py": "op tables beside the layer",
+    "keras_convmixer/augment/randaugment.py:__init__": "validates and records both op sets' arguments",
+    # Export and evaluation are reworked with the front-door work (streamed predict, tidy exports).
+    "keras_convmixer/export.py": "SavedModel, ONNX and .keras writers in one module until that rework",
+    "keras_convmixer/export.py:_write_saved_model": "until that rework",
+    "keras_convmixer/evaluation.py:evaluate": "until that rework",
+    # The two loaders walk every source kind in one place; split with the streamed multi-process input.
+    "keras_convmixer/data/sources.py:load_source": "one branch per source kind",
+    "keras_convmixer/data/in_memory.py:load_in_memory": "decode, cache and split in one pass",
+}
 HEAVY = ("keras", "tensorflow", "jax", "torch")
 CONSOLE_SCRIPTS = {
     "convmixer-train": "keras_convmixer.cli.train:main",
@@ -62,45 +79,118 @@ def _probe(target, *argv, backend="tensorflow"):
     return report["code"], report["loaded"], result.stdout + result.stderr
 
 
+# --------------------------------------------------------------------------- the import graph
+
+# Each module's layer, bottom first: a module may import from its own layer and the ones below it,
+# never from above. A new module must be placed here, which is the point: its place is a decision.
+LAYERS = (
+    # Keras-free vocabulary and single-rule helpers: what everything else may name.
+    (
+        "keras_convmixer",
+        "errors",
+        "jsontext",
+        "progress",
+        "imagenet",
+        "vocabulary",
+        "structure",
+        "tf_import",
+        "presets",
+        "model_docs",
+        "atomic",
+    ),
+    # Primitives: the custom op, initialisers, schedules, image decoding, the settings table, the run directory.
+    (
+        "ops",
+        "ops.tuning",
+        "ops.depthwise",
+        "ops.depthwise_pallas",
+        "ops.depthwise_xla",
+        "initializers",
+        "schedules",
+        "data.transforms",
+        "settings",
+        "cache",
+        "rundir",
+        "distribute",
+    ),
+    # Layers, data, augmentation, checkpoint reading and the recipes.
+    (
+        "layers",
+        "data",
+        "data.folders",
+        "data.sources",
+        "data.in_memory",
+        "data.tf_pipeline",
+        "augment",
+        "augment.xp",
+        "augment.image_ops",
+        "augment.crop",
+        "augment.erasing",
+        "augment.mix",
+        "augment.randaugment",
+        "augment.pipelines",
+        "hub",
+        "convert",
+        "curves",
+        "recipes",
+        "optim",
+    ),
+    # Where weights come from: it maps tensors and never builds a model.
+    ("pretrained",),
+    # The one builder.
+    ("models",),
+    # What is built on a model: conversion to a folder, fine-tuning, saved artefacts, the typed config.
+    ("conversion", "finetune", "artifacts", "config", "callbacks"),
+    ("resume", "report", "evaluation", "prediction", "export"),
+    ("training",),
+    ("cli", "cli.common", "cli.train", "cli.evaluate", "cli.predict", "cli.export", "cli.convert"),
+)
+
+
+def _module_name(path):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path, modules):
+    """The package modules ``path`` imports anywhere (function bodies included), as dotted names."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # ``from pkg import mod`` imports pkg.mod; ``from mod import name`` imports mod.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _import_graph():
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: _imported_modules(path, paths) for name, path in paths.items()}
+
+
 def test_no_module_is_over_the_size_limit():
     sizes = {
         str(path.relative_to(ROOT)): len(path.read_text(encoding="utf-8").splitlines())
         for path in sorted(PACKAGE.rglob("*.py"))
     }
-    offenders = {path: n for path, n in sizes.items() if n > MAX_MODULE_LINES}
+    offenders = {path: n for path, n in sizes.items() if n > MAX_MODULE_LINES and path not in OVER_THE_LIMIT}
     assert not offenders, f"modules over {MAX_MODULE_LINES} lines: " + ", ".join(
         f"{path} ({n})" for path, n in sorted(offenders.items(), key=lambda item: -item[1])
     )
-
-
-def test_one_home_per_concern():
-    # The old single-file homes must be gone once their packages exist: two homes for one concern
-    # (or a shim re-exporting the new one) are what the layout rules out.
-    packages = ("data", "augment", "cli", "ops")
-    missing = [name for name in packages if not (PACKAGE / name / "__init__.py").is_file()]
-    assert not missing, f"missing packages: {missing}"
-    modules = (
-        "presets",
-        "schedules",
-        "recipes",
-        "distribute",
-        "callbacks",
-        "rundir",
-        "training",
-        "artifacts",
-        "evaluation",
-        "prediction",
-        "export",
-        "convert",
-        "models",
-        "layers",
-        "initializers",
-    )
-    missing = [name for name in modules if not (PACKAGE / f"{name}.py").is_file()]
-    assert not missing, f"missing modules: {missing}"
-    stale = ("data.py", "augment.py", "cli.py", "inference.py", "benchmark.py", "erasing.py", "randaugment.py")
-    lingering = [name for name in stale if (PACKAGE / name).exists()]
-    assert not lingering, f"old modules still in keras_convmixer/: {lingering}"
 
 
 @pytest.mark.parametrize("module", ["keras_convmixer", "keras_convmixer.presets", "keras_convmixer.recipes"])
@@ -147,3 +237,75 @@ def test_installed_console_script_runs_help(script):
     result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
+
+
+def _cycles(graph):
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for dep in sorted(graph[node]):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in on_stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    # The graph checks below pass on an empty answer: show that the finder can give a non-empty one.
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_scan_sees_function_level_imports(tmp_path):
+    module = PACKAGE / "models.py"
+    found = _imported_modules(module, {_module_name(p) for p in PACKAGE.rglob("*.py")})
+    assert "keras_convmixer.layers" in found
+
+
+def test_no_import_cycle():
+    assert _cycles(_import_graph()) == []
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    rank = {
+        ("keras_convmixer." + name if name != "keras_convmixer" else name): i
+        for i, row in enumerate(LAYERS)
+        for name in row
+    }
+    graph = _import_graph()
+    unplaced = sorted(set(graph) - set(rank))
+    assert not unplaced, f"modules with no place in LAYERS: {unplaced}"
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if rank[d] > rank[m])
+    assert not upward, "imports from a layer above: " + ", ".join(upward)
+
+
+def test_no_function_is_over_the_size_limit():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                where = f"{path.relative_to(ROOT)}:{node.name}"
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and where not in OVER_THE_LIMIT:
+                    offenders.append(f"{where} ({lines})")
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(offenders)

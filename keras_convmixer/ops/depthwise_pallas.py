@@ -34,7 +34,7 @@ are masked, not clamped, so that Triton can still see their contiguity. Stores a
 clamped (a clamped store would write one element twice). Every element of every output
 is written, since Pallas outputs start as garbage.
 
-Block sizes come from ``keras_convmixer.ops.depthwise.pallas_blocks`` (one table beside
+Block sizes come from ``keras_convmixer.ops.tuning.pallas_blocks`` (one table beside
 ``AUTO_IMPL``, keyed by device kind).
 """
 
@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# The keys of a block configuration (see keras_convmixer.ops.depthwise.DEFAULT_PALLAS_BLOCKS).
+# The keys of a block configuration (see keras_convmixer.ops.tuning.DEFAULT_PALLAS_BLOCKS).
 BLOCK_KEYS = ("block_p", "block_c", "num_warps", "num_stages", "images_per_group")
 
 
@@ -258,12 +258,12 @@ def depthwise_conv2d_pallas(x, kernel, bias, *, blocks=None, interpret=None):
 
     Differentiable in x, kernel and bias; accumulates in float32 and returns x's dtype.
     ``blocks``: a dict with the keys of ``BLOCK_KEYS`` (default: this device's entry of
-    ``keras_convmixer.ops.depthwise.PALLAS_BLOCKS``). ``interpret=None`` uses Pallas's
+    ``keras_convmixer.ops.tuning.PALLAS_BLOCKS``). ``interpret=None`` uses Pallas's
     interpreter on CPU and the Triton lowering on GPU; ``False`` forces the Triton
     lowering (e.g. to lower for a GPU from a CPU machine).
     """
     if blocks is None:
-        from keras_convmixer.ops.depthwise import pallas_blocks
+        from keras_convmixer.ops.tuning import pallas_blocks
 
         blocks = pallas_blocks()
     missing = [key for key in BLOCK_KEYS if key not in blocks]
