@@ -6,6 +6,7 @@ agree) and ``freeze_backbone`` turns the backbone into a fixed feature extractor
 """
 
 from keras_convmixer import structure
+from keras_convmixer.config import weights_spec
 from keras_convmixer.models import ConvMixer, get_model
 from keras_convmixer.pretrained import load_resolved, resolve_weights
 from keras_convmixer.recipes import apply_weights_meta
@@ -23,17 +24,11 @@ def _variant(cfg):
     return None if cfg["model"] == "custom" else cfg["model"]
 
 
-def weights_source(weights):
-    """The ``--weights`` spec of a config's ``weights`` setting: the spec itself, or the ``source`` of
-    the record a started run's config.json holds in its place."""
-    return weights.get("source") if isinstance(weights, dict) else weights
-
-
 def follow_weights(cfg):
     """Set the settings that follow the pretrained weights (``cfg["from_weights"]``) to their metadata.
     Reads the weights (downloading or converting them once; later calls hit the cache)."""
 
-    resolved = resolve_weights(weights_source(cfg["weights"]), variant=_variant(cfg))
+    resolved = resolve_weights(weights_spec(cfg["weights"]), variant=_variant(cfg))
     apply_weights_meta(cfg, resolved.meta)
     return resolved
 
@@ -43,7 +38,7 @@ def load_backbone(classifier, cfg):
     agree: the same count, and the same names where both sides name them); returns the record config.json
     keeps: ``{source, sha256, head_loaded}``."""
 
-    source = weights_source(cfg["weights"])
+    source = weights_spec(cfg["weights"])
     resolved = resolve_weights(source, variant=_variant(cfg))
     # The same count of differently named classes (digits 0-4, then 5-9) is a new task: its head starts afresh.
     known = resolved.meta.get("class_names")

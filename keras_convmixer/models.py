@@ -12,7 +12,7 @@ import re
 import keras
 from keras import layers
 
-from keras_convmixer import model_docs, presets, pretrained, structure
+from keras_convmixer import model_docs, presets, pretrained, structure, vocabulary
 from keras_convmixer.errors import first_line
 from keras_convmixer.initializers import dense_initializers, validate_initializer
 from keras_convmixer.layers import BN_EPSILON, BN_MOMENTUM, ConvMixerBlock, PatchEmbed
@@ -50,7 +50,7 @@ def ConvMixer(
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
     arch = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size, activation=activation)
-    spec = None if weights is None else pretrained.parse_spec(weights)
+    spec = None if weights is None else vocabulary.parse_spec(weights)
     variant = _check_weights(spec, arch, include_top, classes, name)
     mean, std = _stats(spec, dict(arch, classes=classes), mean, std)
 

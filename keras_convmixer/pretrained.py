@@ -6,7 +6,7 @@ metadata. Hub files are downloaded with ``huggingface_hub`` (so ``HF_HOME``, ``H
 ``HF_HUB_OFFLINE`` apply) and checked against the sha256 the Hub advertises; every source is read once into the
 cache (``cache``), and later calls read the cache with no network and no torch. ``load_resolved`` ports those
 tensors into a model that already exists (the stem, every block and, when it fits, the head), so loading never
-builds a second model. ``parse_spec`` is the one check of a weights spec.
+builds a second model. A spec is checked by ``vocabulary.parse_spec``, the one check the settings share.
 
 A leaf under the model builder: it imports neither ``models`` nor Keras nor huggingface_hub until a function
 needs them.
@@ -20,24 +20,12 @@ import re
 from keras_convmixer import cache, convert, hub, presets, rundir, structure
 from keras_convmixer.atomic import read_json
 from keras_convmixer.errors import first_line
+from keras_convmixer.vocabulary import HF_PREFIX, parse_spec
 
 logger = logging.getLogger(__name__)
 
-_HF_PREFIX = "hf://"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _EVAL_KEYS = ("mean", "std", "crop_pct", "interpolation", "image_size")
 _NUMBERED = re.compile(r"class_\d+")
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsSpec:
-    """A checked weights spec: ``kind`` is "imagenet", "hub" (``repo``, ``revision``), "keras_weights" (a bare
-    ``.weights.h5``, which only a model of the same architecture can load) or "path"."""
-
-    kind: str
-    text: str
-    repo: str | None = None
-    revision: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +44,6 @@ class PretrainedWeights:
     arch: dict
     variant: str | None
     meta: dict
-
-
-def parse_spec(spec):
-    """Check a ``weights=`` / ``--weights`` value and say what kind of source it is (one line otherwise)."""
-    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
-        raise ValueError(f"weights must be None, 'imagenet', 'hf://owner/repo' or a path, got {spec!r}.")
-    text = os.fspath(spec)
-    if text == "imagenet":
-        return WeightsSpec("imagenet", text)
-    if text.startswith(_HF_PREFIX):
-        repo, _, revision = text[len(_HF_PREFIX) :].partition("@")
-        if not _REPO_ID.match(repo) or (revision == "" and "@" in text):
-            raise ValueError(f"weights {text!r} is not 'hf://owner/repo' or 'hf://owner/repo@revision'.")
-        return WeightsSpec("hub", text, repo, revision or None)
-    return WeightsSpec("keras_weights" if text.endswith(".weights.h5") else "path", text)
 
 
 # ----------------------------------------------------------------------------- what the weights bring
@@ -165,7 +138,7 @@ def _resolve_hub(source, repo, revision, filename, variant):
 
     # The endpoint is part of the key: a mirror's repo of the same name is another file. A revision is pinned
     # to its first download (the released weights never change); name a commit, or clear the cache, for newer.
-    key = f"{_HF_PREFIX}{repo}@{revision or 'main'}/{filename} at {constants.ENDPOINT}"
+    key = f"{HF_PREFIX}{repo}@{revision or 'main'}/{filename} at {constants.ENDPOINT}"
     cached = _cached(source, key)
     if cached is not None:
         return cached

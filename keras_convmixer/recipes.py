@@ -15,6 +15,7 @@ import os
 import sys
 
 from keras_convmixer import presets
+from keras_convmixer.cache import keras_home
 from keras_convmixer.presets import (
     ARCHITECTURE_KEYS,
     CIFAR10_MEAN,
@@ -25,6 +26,7 @@ from keras_convmixer.presets import (
     canonical_name,
 )
 from keras_convmixer.settings import BASE, BY_NAME, REQUIRED_SETTINGS, STRATEGY_BACKEND, check_values, coerce
+from keras_convmixer.vocabulary import parse_spec
 
 # What a run started from pretrained weights takes from them unless the command line or the config
 # file sets it: the normalisation and the eval transform the weights were trained and measured with.
@@ -112,9 +114,8 @@ def keras_backend():
         return keras.backend.backend()
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     try:
-        with open(os.path.join(home, "keras.json")) as f:
+        with open(os.path.join(keras_home(), "keras.json")) as f:
             return json.load(f).get("backend") or "tensorflow"
     except (OSError, ValueError, AttributeError):
         return "tensorflow"
@@ -294,9 +295,12 @@ def check_config(cfg):
 
 def _check_finetuning(cfg):
     weights = cfg["weights"]
-    if weights is not None and (not isinstance(weights, str) or not weights.strip()):
-        raise ValueError(f"--weights must be imagenet, hf://<owner>/<repo> or a path, got {weights!r}.")
-    if weights == "imagenet":
+    # The spec's grammar is checked where the loader checks it; whether the model has ImageNet weights is ours.
+    try:
+        spec = None if weights is None else parse_spec(weights)
+    except ValueError as error:  # its lines start "weights ...": here the user typed --weights
+        raise ValueError(f"--{error}") from None
+    if spec is not None and spec.kind == "imagenet":
         released = sorted(presets.PRETRAINED)
         if cfg["model"] not in released:
             choices = ", ".join(released) if released else "none are registered"
@@ -304,9 +308,6 @@ def _check_finetuning(cfg):
                 f"--weights imagenet needs --model with released ImageNet weights ({choices}), "
                 f"not {cfg['model']}: pass one of them, or a checkpoint path / hf://<owner>/<repo>."
             )
-    elif weights is not None and weights.startswith("hf://"):
-        if not weights[len("hf://") :].strip("/"):
-            raise ValueError(f"--weights {weights} names no repository: use hf://<owner>/<repo>[@<revision>].")
     if cfg["freeze_backbone"] and cfg["backbone_lr_scale"] != 1:
         raise ValueError(
             f"--backbone-lr-scale {cfg['backbone_lr_scale']} has no effect with --freeze-backbone, "

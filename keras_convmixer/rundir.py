@@ -36,7 +36,6 @@ from keras_convmixer.atomic import (
     disk_error,
     read_json,
     remove_quietly,
-    save_model,  # noqa: F401  (rundir.save_model: convert.py still saves models through this module)
     save_weights,
     write_json,
     write_text,

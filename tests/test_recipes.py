@@ -169,7 +169,7 @@ def test_fine_tuning_defaults_and_checks():
         recipes.resolve_config("demo", {"backbone_lr_scale": 0.5, "freeze_backbone": True})
     with pytest.raises(ValueError, match="^--weights imagenet needs --model with released ImageNet weights"):
         recipes.resolve_config("demo", {"weights": "imagenet"})  # the demo's custom model has none
-    with pytest.raises(ValueError, match="^--weights hf:// names no repository"):
+    with pytest.raises(ValueError, match=r"^--weights 'hf://' is not 'hf://owner/repo'"):
         recipes.resolve_config("demo", {"weights": "hf://"})
 
 
