@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_convmixer.augment import image_ops
+from keras_convmixer.augment import image_ops, policies
 from keras_convmixer.augment import randaugment as ra
 from keras_convmixer.augment.erasing import RandomErasing
 from keras_convmixer.augment.xp import keras_namespace, tf_namespace
@@ -86,13 +86,13 @@ def test_torchvision_magnitude_tables_match():
     _, torchvision, _ = vision_or_skip()
     space = torchvision.transforms.RandAugment()._augmentation_space(31, (H, W))
     ours = image_ops.torchvision_magnitudes(31, H, W)
-    assert list(space) == list(ra.TORCHVISION_OPS)
+    assert list(space) == list(policies.TORCHVISION_OPS)
     for name, (table, signed) in space.items():
         assert ours[name][1] == signed, name
         np.testing.assert_array_equal(np.broadcast_to(table.numpy(), (31,)), ours[name][0], err_msg=name)
 
 
-@pytest.mark.parametrize("name", ra.TORCHVISION_OPS)
+@pytest.mark.parametrize("name", policies.TORCHVISION_OPS)
 def test_torchvision_op_matches_torchvision(name):
     torch, torchvision, _ = vision_or_skip()
     from PIL import Image
@@ -145,7 +145,7 @@ def test_torchvision_op_matches_torchvision(name):
 TIMM_EXTRA = ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness")
 
 
-@pytest.mark.parametrize("name", ra.TIMM_INCREASING_OPS + TIMM_EXTRA)
+@pytest.mark.parametrize("name", policies.TIMM_INCREASING_OPS + TIMM_EXTRA)
 def test_timm_op_matches_timm(name, monkeypatch):
     _, _, timm = vision_or_skip()
     from PIL import Image
@@ -242,8 +242,8 @@ def test_torchvision_ops_drawn_uniformly_per_image(path):
     batch = np.repeat(image[None], 700, axis=0).astype("float32")
     outputs = augment_path(layer, batch, path)
     found = identify(outputs, outs)
-    check_frequencies(keys, found, len(ra.TORCHVISION_OPS))
-    assert len({keys[k][0] for k in found}) == len(ra.TORCHVISION_OPS)  # one batch, every op
+    check_frequencies(keys, found, len(policies.TORCHVISION_OPS))
+    assert len({keys[k][0] for k in found}) == len(policies.TORCHVISION_OPS)  # one batch, every op
 
 
 @pytest.mark.parametrize("path", PATHS)

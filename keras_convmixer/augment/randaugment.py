@@ -36,6 +36,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_convmixer.augment import policies
 from keras_convmixer.augment.image_ops import (
     GEOMETRIC_OPS,
     MATRICES,
@@ -46,69 +47,9 @@ from keras_convmixer.augment.image_ops import (
     torchvision_magnitudes,
     warp,
 )
+from keras_convmixer.augment.policies import LEVEL_DENOM
 from keras_convmixer.augment.xp import box_muller, keras_namespace, tf_namespace
 from keras_convmixer.tf_import import import_tf
-
-TORCHVISION_OPS = (
-    "Identity",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-    "Brightness",
-    "Color",
-    "Contrast",
-    "Sharpness",
-    "Posterize",
-    "Solarize",
-    "AutoContrast",
-    "Equalize",
-)
-# timm's _RAND_INCREASING_TRANSFORMS and _RAND_TRANSFORMS, in timm's order.
-TIMM_INCREASING_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
-TIMM_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
-POLICIES = ("torchvision", "timm")
-TIMM_FILL = (128.0, 128.0, 128.0)
-_LEVEL_DENOM = 10.0  # timm's magnitude scale: m10 is each op's full range (its default clip)
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"RandAugment {name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_convmixer")
@@ -157,64 +98,24 @@ class RandAugment(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if policy not in POLICIES:
-            raise ValueError(f"RandAugment policy must be one of {POLICIES}, got {policy!r}.")
-        self.policy = policy
-        self.num_ops = _check_int("num_ops", num_ops, 0)
-        self.num_magnitude_bins = _check_int("num_magnitude_bins", num_magnitude_bins, 1)
-        if policy == "torchvision":
-            self.magnitude = _check_int("magnitude", magnitude, 0)
-            if self.magnitude >= self.num_magnitude_bins:
-                raise ValueError(
-                    f"RandAugment magnitude must be < num_magnitude_bins={self.num_magnitude_bins} "
-                    f"for policy 'torchvision', got {magnitude!r}."
-                )
-            if magnitude_std:
-                raise ValueError(
-                    f"RandAugment magnitude_std is a timm option; policy 'torchvision' has none, got {magnitude_std!r}."
-                )
-        else:
-            self.magnitude = float(magnitude)
-            if not 0.0 <= self.magnitude:
-                raise ValueError(f"RandAugment magnitude must be >= 0, got {magnitude!r}.")
-        self.magnitude_std = float(magnitude_std)
-        if not self.magnitude_std >= 0.0:
-            raise ValueError(f"RandAugment magnitude_std must be >= 0, got {magnitude_std!r}.")
-        self.magnitude_max = float(magnitude_max) if magnitude_max is not None else None
-        if self.magnitude_max is not None and not self.magnitude_max > 0.0:
-            raise ValueError(f"RandAugment magnitude_max must be > 0, got {magnitude_max!r}.")
-        if prob is None:
-            prob = 0.5 if policy == "timm" else 1.0
-        self.prob = float(prob)
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"RandAugment prob must be in [0, 1], got {prob!r}.")
-        self.increasing = bool(increasing)
-        self.translate_pct = float(translate_pct)
-        if fill is None:
-            fill = (0.0, 0.0, 0.0) if policy == "torchvision" else TIMM_FILL
-        if isinstance(fill, (int, float)):
-            fill = (float(fill),) * 3
-        self.fill = tuple(float(f) for f in fill)
-        if any(not 0.0 <= f <= 255.0 for f in self.fill):
-            raise ValueError(f"RandAugment fill must be values in [0, 255], got {fill!r}.")
-        if interpolation is None:
-            interpolation = "nearest" if policy == "torchvision" else "bilinear"
-        if interpolation not in ("nearest", "bilinear"):
-            raise ValueError(f"RandAugment interpolation must be 'nearest' or 'bilinear', got {interpolation!r}.")
-        self.interpolation = interpolation
+        checked = policies.check_arguments(
+            policy,
+            num_ops=num_ops,
+            magnitude=magnitude,
+            num_magnitude_bins=num_magnitude_bins,
+            magnitude_std=magnitude_std,
+            magnitude_max=magnitude_max,
+            prob=prob,
+            increasing=increasing,
+            translate_pct=translate_pct,
+            fill=fill,
+            interpolation=interpolation,
+            ops=ops,
+        )
+        for name, value in checked.items():
+            setattr(self, name, value)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        if policy == "torchvision":
-            available = TORCHVISION_OPS
-        else:
-            available = TIMM_INCREASING_OPS if self.increasing else TIMM_OPS
-        if ops is None:
-            ops = available
-        if isinstance(ops, str) or not ops or any(name not in available for name in ops):
-            raise ValueError(
-                f"RandAugment ops must be a non-empty subset of {available} for policy {policy!r}, got {ops!r}."
-            )
-        self.op_names = tuple(ops)
         self.supports_jit = True
 
     # ---- configuration shared by both paths
@@ -254,7 +155,7 @@ class RandAugment(keras.layers.Layer):
             magnitude = u_magnitude * self.magnitude
         else:
             magnitude = self.magnitude + self.magnitude_std * normal
-        magnitude = xp.clip(magnitude, 0.0, self.magnitude_max or _LEVEL_DENOM)
+        magnitude = xp.clip(magnitude, 0.0, self.magnitude_max or LEVEL_DENOM)
         return choice, sign, applied, magnitude
 
     def apply_op(self, xp, images, name, magnitude, sign):
