@@ -27,14 +27,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 # One pytest process per backend: Keras picks its backend once per process. The three run side by side
 # (-j): much of a test's time is single-threaded tracing, compiling and waiting on subprocesses, so a
 # 2-core machine finishes them sooner together than one after another. -O prints each backend's output
-# whole when it ends. TEST_JOBS=1 runs them one at a time.
+# whole when it ends. TEST_JOBS=1 runs them one at a time. Each prints its 15 slowest tests: where CI time goes.
+# Files marked backend_free (tests/conftest.py) run in the torch process only: their results are the same on
+# every backend.
 TEST_JOBS ?= 3
 test: install
 	@$(MAKE) --no-print-directory -j$(TEST_JOBS) -O $(addprefix test-,$(BACKENDS))
 
 $(addprefix test-,$(BACKENDS)): test-%: install
 	@echo "=== KERAS_BACKEND=$* ==="
-	KERAS_BACKEND=$* $(PY) -m pytest $(PYTEST_ARGS)
+	KERAS_BACKEND=$* $(PY) -m pytest --durations=15 $(if $(filter torch,$*),,-m "not backend_free") $(PYTEST_ARGS)
 
 # The demo recipe on the embedded digits data: offline, about a minute on a 2-core CPU.
 # It prints the run directory. Extra flags: make train TRAIN_ARGS="--epochs 3".
