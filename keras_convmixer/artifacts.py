@@ -6,6 +6,10 @@ its ``export.json``). All three give a ``ModelBundle`` with one interface:
 ``logits(images)`` on eval-transformed float32 ``[N, S, S, 3]`` pixels in
 [0, 255], plus the class names and eval transform from the run's config.
 
+A ``.keras`` file carries its own eval preset (``embed_preset``: image size, crop, interpolation, class
+names, mean/std) as one more entry of its zip archive, which Keras's loader ignores, so the file alone
+predicts and evaluates as its run does, copied anywhere. The preset wins over a ``config.json`` beside it.
+
 ``.keras`` files are loaded in Keras's safe mode (no code from the file runs).
 A SavedModel cannot be opened that way: it is a TensorFlow graph, and running
 it runs whatever ops it holds, file reads and writes included. So it is only
@@ -13,13 +17,15 @@ opened with ``trust_savedmodel=True`` (``--trust-savedmodel`` on the command lin
 """
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import zipfile
 
 import numpy as np
 
-from keras_convmixer import presets, pretrained, rundir, structure
+from keras_convmixer import atomic, presets, pretrained, rundir, structure
 from keras_convmixer.atomic import read_json
 from keras_convmixer.errors import first_line
 
@@ -28,6 +34,10 @@ SAVEDMODEL_TRUST_MESSAGE = (
     "a SavedModel runs its own TensorFlow graph, which can read and write files: pass --trust-savedmodel "
     "(trust_savedmodel=True) only for SavedModels you exported yourself or trust"
 )
+
+# The zip entry of a .keras archive that holds its eval preset, and the run-config keys it keeps.
+PRESET_ENTRY = "convmixer_preset.json"
+PRESET_KEYS = ("model", "image_size", "crop_pct", "interpolation", "class_names", "num_classes", "mean", "std")
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +122,8 @@ def open_model(path, *, trust_savedmodel=False):
             f"{path!r} is neither a run dir (config.json + best.keras) nor a SavedModel (saved_model.pb)."
         )
     if path.endswith(".keras"):
-        return _bundle(_load_keras(path), path, pretrained.saved_config(path), kind="keras", source=path)
+        model = _load_keras(path)
+        return _bundle(model, path, {**pretrained.saved_config(path), **read_preset(path)}, kind="keras", source=path)
     raise ModelPathError(f"{path!r} is not a .keras file, a run dir or a SavedModel dir.")
 
 
@@ -129,15 +140,43 @@ def _open_run_dir(path):
     for name in present:
         model_file = os.path.join(path, name)
         try:
-            model = _load_keras(model_file)
+            model, preset = _load_keras(model_file), read_preset(model_file)
         except KerasFileError as err:
             broken.append(f"{name} ({err.reason})")
             continue
         if broken:
             logger.warning("Run dir %r: cannot load %s; using %s instead.", path, ", ".join(broken), name)
-        return _bundle(model, model_file, config, kind="run", source=path)
+        return _bundle(model, model_file, {**config, **preset}, kind="run", source=path)
     missing = [f"{name} (missing)" for name in rundir.MODEL_FILES if name not in present]
     raise ModelPathError(f"Run dir {path!r} has no loadable model file: {', '.join(broken + missing)}.")
+
+
+def embed_preset(model_file, config):
+    """Write the eval preset of ``config`` (the ``PRESET_KEYS`` it has) into the ``.keras`` archive ``model_file``,
+    replacing any preset it held; crash-safe (a copy is changed, then renamed over the file)."""
+    preset = {key: config[key] for key in PRESET_KEYS if config.get(key) is not None}
+    with atomic.atomic_path(model_file) as tmp:
+        with zipfile.ZipFile(model_file) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as target:
+            for item in source.infolist():
+                if item.filename != PRESET_ENTRY:
+                    with source.open(item) as src, target.open(item, "w") as dst:
+                        shutil.copyfileobj(src, dst)
+            target.writestr(PRESET_ENTRY, json.dumps(preset, indent=2, default=float))
+    return preset
+
+
+def read_preset(model_file):
+    """The eval preset inside a ``.keras`` archive (``embed_preset``), ``{}`` where it holds none."""
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            if PRESET_ENTRY not in archive.namelist():
+                return {}
+            preset = json.loads(archive.read(PRESET_ENTRY))
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise KerasFileError(os.fspath(model_file), f"its {PRESET_ENTRY} cannot be read: {first_line(err)}") from None
+    if not isinstance(preset, dict):
+        raise KerasFileError(os.fspath(model_file), f"its {PRESET_ENTRY} is not a JSON object")
+    return {key: value for key, value in preset.items() if key in PRESET_KEYS}
 
 
 def _load_keras(model_file):

@@ -17,16 +17,23 @@ The model part is exported by Keras (jax2tf under JAX); preprocessing and
 top-k are TensorFlow ops wrapped around it, which avoids JAX's top_k
 composite that TF cannot load. Every export writes ``export.json`` (provenance
 and input contract) into its output directory.
+
+An export is a folder of its own: it is written to a temporary sibling and renamed into place, so
+it never mixes with other files and a failed export leaves the old one intact. A non-empty target
+is refused unless ``overwrite=True``, which replaces it whole.
 """
 
 import contextlib
 import datetime
 import json
 import os
+import shutil
+import uuid
+import warnings
 
 import keras
 
-from keras_convmixer.artifacts import is_saved_model_dir, logits_model, open_model
+from keras_convmixer.artifacts import embed_preset, is_saved_model_dir, logits_model, open_model
 
 FORMATS = ("savedmodel", "onnx", "keras")
 TOP_K = 5
@@ -42,24 +49,80 @@ class ExportBackendError(RuntimeError):
     """The current Keras backend cannot write this format."""
 
 
-def export_model(model_path, fmt, output=None, verbose=False):
-    """Export ``model_path`` (.keras, run dir) to ``output``; returns the output dir.
+class ExportTargetError(ValueError):
+    """The output folder cannot take the export as asked (nothing was written)."""
 
-    ``output`` defaults to ``<run dir or .keras dir>/export/<fmt>``.
+
+def export_model(model_path, fmt, output=None, verbose=False, overwrite=False):
+    """Export ``model_path`` (.keras, run dir) to the folder ``output``; returns the output dir.
+
+    ``output`` defaults to ``<run dir or .keras dir>/export/<fmt>``. A non-empty ``output`` is refused unless
+    ``overwrite`` is true; then it is replaced whole, once the new export is complete.
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
     if os.path.isdir(model_path) and is_saved_model_dir(model_path):  # refused before anything loads its graph
         raise ValueError(f"{model_path!r} is already an exported SavedModel: export from its run dir or .keras file.")
+    if output is not None:
+        _check_target(os.path.abspath(os.fspath(output)), os.path.abspath(os.fspath(model_path)), overwrite)
     bundle = open_model(model_path)
     if output is None:
         base = bundle.source if bundle.kind == "run" else os.path.dirname(bundle.source)
         output = os.path.join(base, "export", fmt)
+        _check_target(output, bundle.source, overwrite)
     output = os.path.abspath(os.fspath(output))
     writer = {"savedmodel": export_saved_model, "onnx": export_onnx, "keras": export_keras}[fmt]
-    outputs = writer(bundle, output, verbose=verbose)
-    write_provenance(bundle, output, fmt, outputs)
+
+    def write(folder):
+        write_provenance(bundle, folder, fmt, writer(bundle, folder, verbose=verbose))
+
+    _write_whole(output, write)
     return output
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def _check_target(output, source, overwrite):
+    """Refuse, before anything is written, a target that is a file, is not empty (without ``overwrite``),
+    or holds the model being exported (``overwrite`` would delete it)."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ExportTargetError(f"Export target {output!r} is a file, not a folder: choose a folder for --output.")
+    if os.path.commonpath([output, source]) == output:
+        raise ExportTargetError(
+            f"Export target {output!r} holds the model being exported ({source}): choose another --output."
+        )
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        held = "an earlier export" if os.path.isfile(os.path.join(output, "export.json")) else "files of its own"
+        raise ExportTargetError(
+            f"Export target {output!r} is not empty (it holds {held}): pass --overwrite to replace it whole, "
+            "or choose a new --output; nothing was written."
+        )
+
+
+def _write_whole(output, write):
+    """``write(folder)`` into a new sibling of ``output``, then swap it in: a failed export leaves ``output``
+    as it was, and what ``output`` held is removed only once the new export is in place."""
+    parent, name = os.path.split(output)
+    os.makedirs(parent, exist_ok=True)
+    stem = os.path.join(parent, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    new, old = f"{stem}.new", f"{stem}.old"
+    os.mkdir(new)
+    try:
+        write(new)
+        if os.path.lexists(output):
+            os.rename(output, old)
+        try:
+            os.rename(new, output)
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, output)
+            raise
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if os.path.lexists(old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- SavedModel
@@ -246,12 +309,15 @@ def export_onnx(bundle, output, verbose=False):
     serving = _onnx_serving_model(bundle.model)
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, "model.onnx")
-    serving.export(
-        path,
-        format="onnx",
-        input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
-        verbose=verbose,
-    )
+    with warnings.catch_warnings():
+        # Keras's tf2onnx patch probes ``hasattr(np, "object")``, which NumPy 2 answers with this warning.
+        warnings.filterwarnings("ignore", message=r"In the future `np\.object` will be defined", category=FutureWarning)
+        serving.export(
+            path,
+            format="onnx",
+            input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
+            verbose=verbose,
+        )
     _name_onnx_io(path, ONNX_INPUT, ONNX_OUTPUT)
     return {
         "model.onnx": {
@@ -351,7 +417,9 @@ def _head_is_softmax(model):
 def export_keras(bundle, output, verbose=False):
     """``model.keras`` (as trained: raw [0, 255] pixels in, logits out) for Keras users."""
     os.makedirs(output, exist_ok=True)
-    bundle.model.save(os.path.join(output, "model.keras"))
+    path = os.path.join(output, "model.keras")
+    bundle.model.save(path)
+    embed_preset(path, bundle.config)  # the file alone then predicts as the run does
     return {
         "model.keras": {
             "input": f"float32 [N, {bundle.image_size}, {bundle.image_size}, 3] in [0, 255]",

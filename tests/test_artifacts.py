@@ -2,6 +2,8 @@
 
 import json
 import logging
+import shutil
+import zipfile
 
 import keras
 import numpy as np
@@ -9,11 +11,14 @@ import pytest
 
 import keras_convmixer as kc
 from keras_convmixer.artifacts import (
+    PRESET_ENTRY,
     KerasFileError,
     ModelPathError,
     UntrustedSavedModelError,
+    embed_preset,
     logits_model,
     open_model,
+    read_preset,
 )
 from tests.helpers import randomize_batchnorm
 from tests.shipping import make_run_dir
@@ -155,3 +160,59 @@ def test_a_savedmodel_is_refused_before_its_graph_loads(tmp_path):
     (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a graph")
     with pytest.raises(UntrustedSavedModelError, match="--trust-savedmodel"):
         open_model(tmp_path / "sm")
+
+
+# --------------------------------------------------------------------------- the preset inside a .keras file
+
+
+def _alone(source, tmp_path, name="copy.keras"):
+    """``source`` copied into a fresh folder with nothing beside it."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    shutil.copy(source, folder / name)
+    return folder / name
+
+
+def test_a_keras_file_alone_has_lost_its_run_without_a_preset(run, tmp_path):
+    bundle = open_model(_alone(run[0] / "best.keras", tmp_path))
+    # What a copied file knew before the preset travelled in it: its shape, nothing of the run.
+    assert bundle.class_names == [f"class_{i}" for i in range(6)]
+    assert (bundle.crop_pct, bundle.interpolation) == (0.96, "bicubic")
+
+
+def test_the_embedded_preset_travels_with_the_file(run, tmp_path):
+    config = json.loads((run[0] / "config.json").read_text())
+    config.update(crop_pct=0.8, interpolation="bicubic", mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    source = tmp_path / "with_preset.keras"
+    shutil.copy(run[0] / "best.keras", source)
+    embed_preset(source, config)
+    embed_preset(source, config)  # again: replaced, not added twice
+    with zipfile.ZipFile(source) as archive:
+        assert archive.namelist().count(PRESET_ENTRY) == 1
+    copy = _alone(source, tmp_path)
+    assert read_preset(copy) == {
+        "model": "custom",
+        "image_size": SIZE,
+        "crop_pct": 0.8,
+        "interpolation": "bicubic",
+        "class_names": ["a", "b", "c", "d", "e", "f"],
+        "num_classes": 6,
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.2, 0.2],
+    }
+    # A config.json beside the copy describes some other run: the file's own preset wins.
+    (copy.parent / "config.json").write_text(json.dumps(dict(config, class_names=list("uvwxyz"), crop_pct=1.0)))
+    bundle = open_model(copy)
+    assert bundle.class_names == ["a", "b", "c", "d", "e", "f"]
+    assert (bundle.image_size, bundle.crop_pct, bundle.interpolation) == (SIZE, 0.8, "bicubic")
+    x = _images()
+    np.testing.assert_allclose(bundle.logits(x), run[1].predict(x, verbose=0), atol=1e-4)  # Keras still loads it
+
+
+def test_a_damaged_preset_is_named(run, tmp_path):
+    source = tmp_path / "m.keras"
+    shutil.copy(run[0] / "best.keras", source)
+    with zipfile.ZipFile(source, "a") as archive:
+        archive.writestr(PRESET_ENTRY, "{not json")
+    with pytest.raises(KerasFileError, match=f"its {PRESET_ENTRY} cannot be read"):
+        open_model(source)

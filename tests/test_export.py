@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from keras_convmixer import export
-from tests.shipping import keras_outputs, make_run_dir
+from keras_convmixer.prediction import predict
+from tests.helpers import ROOT
+from tests.shipping import keras_outputs, make_run_dir, one_error_line, run_cli
 
 BACKEND = keras.backend.backend()
 SAVEDMODEL_BACKENDS = ("tensorflow", "jax")
@@ -191,3 +194,123 @@ def test_a_savedmodel_is_refused_before_anything_loads_it(tmp_path):
     (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a graph")
     with pytest.raises(ValueError, match="already an exported SavedModel"):
         export.export_model(tmp_path / "sm", "keras")
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes, and the folder's names (hidden ones included)."""
+    return {
+        os.path.relpath(os.path.join(top, name), folder): open(os.path.join(top, name), "rb").read()
+        for top, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def _siblings(folder):
+    return sorted(os.listdir(os.path.dirname(folder)))
+
+
+@pytest.mark.parametrize("held", ["an earlier export", "files of its own"])
+def test_a_non_empty_target_is_refused_and_left_untouched(run, tmp_path, capsys, held):
+    target = tmp_path / "target"
+    if held == "an earlier export":
+        assert export.export_model(run[0], "keras", output=target) == str(target)
+    else:
+        target.mkdir()
+        for name in ("a.png", "b.png"):
+            (target / name).write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode())
+    before, siblings = _snapshot(target), _siblings(target)
+    for fmt in ("onnx", "savedmodel", "keras"):
+        code, out, err = run_cli("export", [run[0], "--format", fmt, "--output", target], capsys)
+        assert code == 2 and out == ""
+        assert f"is not empty (it holds {held}): pass --overwrite" in one_error_line(err)
+    assert _snapshot(target) == before and _siblings(target) == siblings
+
+
+def test_the_default_target_is_refused_the_second_time(run, tmp_path, capsys):
+    path = tmp_path / "run"
+    shutil.copytree(run[0], path)
+    assert run_cli("export", [path, "--format", "keras"], capsys)[0] == 0
+    code, _, err = run_cli("export", [path, "--format", "keras"], capsys)
+    assert code == 2 and "pass --overwrite" in one_error_line(err)
+
+
+def test_overwrite_replaces_the_export_whole(run, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "stray.png").write_bytes(b"user file")
+    (target / "sub").mkdir()
+    (target / "sub" / "deep.txt").write_text("more")
+    code, out, err = run_cli("export", [run[0], "--format", "keras", "--output", target, "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(_snapshot(target)) == ["export.json", "model.keras"]
+    assert json.loads((target / "export.json").read_text())["format"] == "keras"
+    assert _siblings(target) == ["target"]  # no temporary folder left beside it
+
+
+def test_a_failed_export_leaves_the_old_one_intact(run, tmp_path, monkeypatch):
+    target = tmp_path / "target"
+    export.export_model(run[0], "keras", output=target)
+    before = _snapshot(target)
+
+    def fails_halfway(bundle, output, verbose=False):  # a writer that dies after writing part of its files
+        open(os.path.join(output, "model.keras"), "wb").write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export, "export_keras", fails_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        export.export_model(run[0], "keras", output=target, overwrite=True)
+    assert _snapshot(target) == before and _siblings(target) == ["target"]
+
+
+def test_overwrite_never_deletes_the_model_being_exported(run, tmp_path, capsys):
+    path = tmp_path / "run"
+    shutil.copytree(run[0], path)
+    before = _snapshot(path)
+    for target in (path, tmp_path):
+        code, _, err = run_cli("export", [path, "--format", "keras", "--output", target, "--overwrite"], capsys)
+        assert code == 2 and "holds the model being exported" in one_error_line(err)
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli("export", [path, "--format", "keras", "--output", tmp_path / "file"], capsys)
+    assert code == 2 and "is a file, not a folder" in one_error_line(err)
+    assert _snapshot(path) == before
+
+
+# --------------------------------------------------------------------------- a .keras export alone
+
+
+def test_a_keras_export_alone_predicts_as_its_run(run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(20, 30), (37, 16), (16, 16)]):
+        Image.fromarray(_uint8_images(1, h, w, seed=i)[0]).save(folder / f"{i}.png")
+    exported = export.export_model(run[0], "keras", output=tmp_path / "k")
+    alone = tmp_path / "elsewhere" / "copied.keras"
+    alone.parent.mkdir()
+    shutil.copy(os.path.join(exported, "model.keras"), alone)  # the file only: no config.json, no export.json
+    from_file, from_run = predict(alone, [folder], top_k=6), predict(run[0], [folder], top_k=6)
+    assert from_file == from_run
+    assert {t["class"] for t in from_file[0]["top_k"]} == set("abcdef")  # the run's names, not class_0..
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="only tf2onnx (the TensorFlow backend's converter) probes np.object"
+)
+def test_onnx_export_says_nothing_of_np_object(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    # In a fresh process: Keras patches tf2onnx (where the warning comes from) once per process.
+    code = f"from keras_convmixer import export; export.export_model({str(run[0])!r}, 'onnx', {str(tmp_path / 'o')!r})"
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "o" / "model.onnx").is_file()
+    assert "np.object" not in done.stderr, done.stderr[-3000:]
