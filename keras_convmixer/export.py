@@ -121,7 +121,9 @@ def _write_whole(output, write):
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
-    if os.path.lexists(old):
+    if os.path.islink(old):  # a link to a folder was the target: the link goes, what it pointed at stays
+        os.remove(old)
+    elif os.path.lexists(old):
         shutil.rmtree(old, ignore_errors=True)
 
 
