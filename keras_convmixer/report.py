@@ -10,11 +10,8 @@ from keras import ops
 
 from keras_convmixer import atomic, callbacks, curves, rundir
 from keras_convmixer.recipes import describe_model
+from keras_convmixer.resume import count
 from keras_convmixer.schedules import learning_rate_curve
-
-
-def count(n, noun):
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def start_note(config, weights, loaded):
@@ -37,8 +34,9 @@ def banner(config, record, info, replicas, loaded, run_dir):
     unreadable = len(info["unreadable"])
     return (
         f"Training {describe_model(config)}{start_note(config, record.weights, loaded)} on {config.data}: "
-        f"{info['num_train']} train / {info['num_val']} val images, {len(info['class_names'])} classes, "
-        f"{config.epochs} epochs x {info['steps_per_epoch']} steps, "
+        f"{info['num_train']} train / {count(info['num_val'], 'val image')}, "
+        f"{count(len(info['class_names']), 'class', 'classes')}, "
+        f"{count(int(config.epochs), 'epoch')} x {count(info['steps_per_epoch'], 'step')}, "
         f"batch {config.batch_size}, strategy {record.strategy_used} ({count(replicas, 'replica')}), "
         f"{record.precision_used}, augment on {config.augment_on}; run dir {run_dir}"
         + (f"; left out {count(unreadable, 'unreadable file')}" if unreadable else "")
@@ -108,7 +106,7 @@ def done_line(summary, rows):
     left_out = len(summary["unreadable_files"])
     unreadable = f", {count(left_out, 'unreadable file')} left out" if left_out else ""
     return (
-        f"Done: {summary['epochs']} epochs, {scores}{unreadable}, {summary['wall_time_s']:.0f} s, "
+        f"Done: {count(summary['epochs'], 'epoch')}, {scores}{unreadable}, {summary['wall_time_s']:.0f} s, "
         f"{summary['images_per_sec'] or 0:.0f} img/s, {summary['params']:,} params -> {summary['run_dir']}"
     )
 

@@ -19,6 +19,7 @@ Layout::
     .lock            held (fcntl) by the process training into the directory
 """
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import time
 
@@ -41,12 +43,17 @@ from keras_convmixer.atomic import (
     write_text,
 )
 from keras_convmixer.errors import first_line
+from keras_convmixer.settings import BY_NAME
 
 CONFIG, HISTORY, BEST, METRICS, CURVES = "config.json", "history.csv", "best.json", "metrics.json", "curves.png"
 LAST_MODEL, BEST_MODEL, BACKUP, LOCK = "last.keras", "best.keras", "backup", ".lock"
 MODEL_FILES = (BEST_MODEL, "model.keras", LAST_MODEL)  # the order predict/evaluate try them in
 _CHECKPOINT = re.compile(r"^epoch-(\d{4,})\.weights\.h5$")
 _KEEP_CHECKPOINTS = 2
+TENSORBOARD = "tensorboard"
+_FILES = (CONFIG, HISTORY, BEST, METRICS, CURVES, LAST_MODEL, BEST_MODEL, LOCK)
+# Every entry a run writes into its directory: what a run that never finished an epoch takes away again.
+_ENTRIES = (*_FILES, BACKUP, TENSORBOARD)
 
 
 class RunDirError(FileError):
@@ -104,6 +111,7 @@ class RunDir:
     def __init__(self, path):
         self.path = os.path.abspath(os.fspath(path))
         self._lock_file = None
+        self._made = None  # (folders made, deepest first; entries there before) once ``create`` has run
 
     def __truediv__(self, name):
         return os.path.join(self.path, name)
@@ -112,16 +120,88 @@ class RunDir:
     def backup_dir(self):
         return self / BACKUP
 
+    def check(self):
+        """Refuse, before anything is written, a path that cannot hold a run: a file, a path through a file, or a
+        folder where the run keeps a file (and a file where it keeps backup/), which the first write would meet
+        as a raw OS error. Reads only."""
+        head = self.path
+        while not os.path.lexists(head):
+            head = os.path.dirname(head)
+        if not os.path.isdir(head):
+            where = "is a file" if head == self.path else f"lies under {head}, which is a file"
+            raise RunDirError(errno.ENOTDIR, f"--output-dir {self.path} {where}, not a directory")
+        for name in _FILES:
+            if os.path.isdir(self / name):
+                raise RunDirError(
+                    errno.EISDIR,
+                    f"{self / name} is a folder where a run keeps its {name} file: move it away, "
+                    "or pass another --output-dir",
+                )
+        if os.path.lexists(self.backup_dir) and not os.path.isdir(self.backup_dir):
+            raise RunDirError(
+                errno.ENOTDIR,
+                f"{self.backup_dir} is a file where a run keeps its checkpoints: move it away, "
+                "or pass another --output-dir",
+            )
+        return self
+
     def create(self):
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RunDirError(errno.ENOTDIR, f"--output-dir {self.path} is a file, not a directory")
+        """Make the directory (and backup/). What this call made is remembered, so that ``discard`` can take a run
+        that never finished an epoch away again without touching anything that was there before."""
+        self.check()
+        missing, head = [], self.path
+        while not os.path.lexists(head):
+            missing.append(head)
+            head = os.path.dirname(head)
+        before = set() if missing else set(os.listdir(self.path))
         try:
             os.makedirs(self.backup_dir, exist_ok=True)
         except OSError as err:
             if err.errno in DISK_ERRORS:
                 raise disk_error(self.backup_dir, err) from None
             raise RunDirError(err.errno, f"cannot create run dir {self.path}: {err.strerror}") from None
+        self._made = (missing, before)
         return self
+
+    def discard(self):
+        """Take away what ``create`` made, while this process holds the lock and no epoch is recorded (no
+        history.csv): a run that fails before its first epoch leaves no run directory behind. A directory that
+        existed before keeps everything it held (only the run's own entries that this start added go), and the
+        parent folders made with it go only while empty. Returns whether anything was removed."""
+        made = self._made
+        if made is None or self._lock_file is None or os.path.lexists(self / HISTORY):
+            return False
+        missing, before = made
+        if missing:
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in missing[1:]:  # deepest first; another run may have put something there since
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+        else:
+            for name in set(_ENTRIES) - before:
+                path = self / name
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    remove_quietly(path)
+        self._made = None
+        return True
+
+    @contextlib.contextmanager
+    def claimed(self):
+        """Create and lock the directory for the block; when the block fails before an epoch is recorded, what
+        this start created is taken away (``discard``) before the lock is let go."""
+        self.create()
+        try:
+            self.lock()
+            yield self
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self.unlock()
 
     def _remove_temporaries(self):
         """Remove what a killed writer left behind (only while holding the lock: a live run's are its own)."""
@@ -131,6 +211,30 @@ class RunDir:
                     remove_quietly(os.path.join(directory, name))
 
     # -- the lock
+
+    def _busy(self, err, f):
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            raise RunDirBusy(
+                err.errno,
+                f"run dir {self.path} is in use by {holder}: wait for that run to end, or pass another --output-dir",
+            ) from None
+        raise err
+
+    def check_free(self):
+        """Raise ``RunDirBusy`` when a live process holds the lock, without taking it or writing anything: a run
+        into a busy directory stops before it loads its data."""
+        path = self / LOCK
+        if not os.path.isfile(path):
+            return self
+        with open(path) as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                self._busy(err, f)
+        return self
 
     def lock(self):
         """Take the run directory's lock, or raise ``RunDirBusy`` naming the process that holds it.
@@ -143,20 +247,11 @@ class RunDir:
         except OSError as err:
             if err.errno in DISK_ERRORS:
                 raise disk_error(path, err) from None
-            raise
+            raise RunDirError(err.errno, f"cannot open {path}: {err.strerror}") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunDirBusy(
-                    err.errno,
-                    f"run dir {self.path} is in use by {holder}: wait for that run to end, "
-                    "or pass another --output-dir",
-                ) from None
-            raise
+            self._busy(err, f)
         f.seek(0)
         f.truncate()
         f.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -265,11 +360,16 @@ def check_resumable(saved, current, may_change, run_dir):
             f"({diff or 'same names, new order'}): pass a new --output-dir"
         )
     skip = set(may_change) | {"class_names", "num_classes", "backend"}
-    changed = sorted(k for k in current if k not in skip and k in saved and saved[k] != current[k])
+    # The settings first (named as their flags), then what is derived from them (model_kwargs, ...).
+    changed = sorted(
+        (k for k in current if k not in skip and k in saved and saved[k] != current[k]),
+        key=lambda k: (k not in BY_NAME, k),
+    )
     if changed:
         k = changed[0]
+        name = BY_NAME[k].flag if k in BY_NAME else k
         raise ValueError(
-            f"{run_dir} holds a run started with other settings ({k}: {saved[k]!r} there, {current[k]!r} now"
+            f"{run_dir} holds a run started with other settings ({name} {saved[k]!r} there, {current[k]!r} now"
             f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}): re-run its command to resume, "
             "or pass a new --output-dir."
         )

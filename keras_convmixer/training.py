@@ -6,8 +6,9 @@ curves.png, metrics.json) and returns the final metrics. TensorFlow is imported 
 tf.data sources and TensorFlow strategies.
 """
 
-import os
+import errno
 import time
+import types
 import warnings
 
 import keras
@@ -184,21 +185,32 @@ def _tf_data(cfg, batch, split, steps_cap):
 
 def train(config):
     """Train per ``config`` (from ``recipes.resolve_config``, a dict or a ``Config``); returns the metrics
-    written to metrics.json."""
+    written to metrics.json. A run that has trained all its epochs already says so and returns its metrics.
+
+    Everything that can fail on what the user passed (the data, the strategy, the weights, a busy or unusable
+    run directory) is checked before the run directory is made; a run that fails before its first epoch is
+    recorded takes away what it made (never a directory that was there before, nor a recorded epoch)."""
     config = config if isinstance(config, Config) else Config(config)
     t_start = time.perf_counter()
+    run = rundir.RunDir(resume.run_path(config))
+    done = resume.finished(config)
+    if done is not None:
+        print(resume.complete_line(done, run.path))
+        return done
     distribute.init_distributed(config)  # before any JAX computation
     keras.utils.set_random_seed(int(config.seed))
-    run_dir = config.output_dir
-    if config.process_id:
-        # Every process trains the same replicated model; on a shared filesystem they would
-        # overwrite each other's backup and checkpoints. Process 0 owns the run dir itself.
-        run_dir = os.path.join(run_dir, f"process_{config.process_id}")
-    run = rundir.RunDir(run_dir).create().lock()
+    previous_policy = keras.mixed_precision.global_policy()
     try:
-        return _train_locked(config, run, t_start)
+        plan = _plan(config, run.check().check_free())
+        with run.claimed():
+            if run.read_config() != plan.saved or len(run.history()) != plan.epochs_done:
+                raise rundir.RunDirBusy(
+                    errno.EBUSY,
+                    f"run dir {run.path} was written by another run while this one started: re-run the command",
+                )
+            return _run(plan, run, t_start)
     finally:
-        run.unlock()
+        keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def _build(config, record, load_weights):
@@ -303,37 +315,54 @@ def _fit(model, train_data, val_data, config, hooks, fit_kwargs):
         )
 
 
-def _train_locked(config, run, t_start):
+def _plan(config, run):
+    """Everything a run needs before it writes: the settings reconciled with the run it resumes, the strategy,
+    the data and the compiled model (pretrained weights loaded where it starts). Writes nothing into ``run``."""
     saved = run.read_config()
+    epochs_done = len(run.history())
     # A run with committed epochs resumes from its own checkpoint; pretrained weights only start one.
-    starting = bool(config.weights) and not run.history()
+    starting = bool(config.weights) and not epochs_done
     backend = keras.backend.backend()
     config, weights = resume.reconcile(config, saved, run.path, backend, starting)
     if starting:
         config = _follow_weights(config)
     record = RunRecord(backend=backend, weights=weights)
     scope, record.strategy_used, replicas = distribute.make_strategy(config)
-    train_data, val_data, fit_kwargs, info = _data(config, record, saved, run.path)
-    steps = info["steps_per_epoch"]
+    prepared = _data(config, record, saved, run.path)
+    steps = prepared[3]["steps_per_epoch"]
     total_steps = steps * int(config.epochs)
-    previous_policy = keras.mixed_precision.global_policy()
-    try:
-        with scope:
-            classifier, model, schedule = _compile(config, record, total_steps, steps, load_weights=starting)
-        run.write_config(run_json(config, record))
-        guard = callbacks.FiniteGuard()
-        hooks = callbacks.for_run(
-            classifier,
-            run,
-            batch_size=config.batch_size,
-            unreadable=info["unreadable"],
-            validated=val_data is not None,
-            guard=guard,
-        )
-        print(report.banner(config, record, info, replicas, starting, run.path))
-        _fit(model, train_data, val_data, config, hooks, fit_kwargs)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    with scope:
+        compiled = _compile(config, record, total_steps, steps, load_weights=starting)
+    return types.SimpleNamespace(
+        config=config,
+        record=record,
+        saved=saved,
+        epochs_done=epochs_done,
+        starting=starting,
+        replicas=replicas,
+        prepared=prepared,
+        compiled=compiled,
+        total_steps=total_steps,
+    )
+
+
+def _run(plan, run, t_start):
+    """Train ``plan`` into the locked ``run``, then write the closing artefacts."""
+    config, record = plan.config, plan.record
+    train_data, val_data, fit_kwargs, info = plan.prepared
+    classifier, model, schedule = plan.compiled
+    run.write_config(run_json(config, record))
+    guard = callbacks.FiniteGuard()
+    hooks = callbacks.for_run(
+        classifier,
+        run,
+        batch_size=config.batch_size,
+        unreadable=info["unreadable"],
+        validated=val_data is not None,
+        guard=guard,
+    )
+    print(report.banner(config, record, info, plan.replicas, plan.starting, run.path))
+    _fit(model, train_data, val_data, config, hooks, fit_kwargs)
     if not guard.ok:
         raise report.diverged(guard, run)
-    return report.finish(config, record, run, (classifier, model, schedule, total_steps), info, t_start)
+    return report.finish(config, record, run, (classifier, model, schedule, plan.total_steps), info, t_start)

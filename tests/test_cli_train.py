@@ -4,6 +4,7 @@ are checked end to end in test_train_script.py."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 
 from keras_convmixer import recipes
 from keras_convmixer.cli.train import build_parser, main, settings_from
+from tests.data_images import make_folder
 from tests.helpers import ROOT, TINY_FLAGS
 
 BACKEND = keras.backend.backend()
@@ -183,7 +185,7 @@ def test_run_dir_started_with_other_settings_is_refused(tmp_path, capsys):
         main(["--output-dir", str(run), "--epochs", "2"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "other settings (epochs: 4 there, 2 now)" in err[-1]
+    assert "other settings (--epochs 4 there, 2 now)" in err[-1]  # named as the flag, as everywhere
     assert json.loads((run / "config.json").read_text())["epochs"] == 4  # nothing overwritten
 
 
@@ -261,7 +263,99 @@ def test_a_run_dirs_config_json_is_a_config_file_that_resumes_the_run(tmp_path, 
     resolved = _printed(capsys, ["--config", str(run / "config.json")])
     assert resolved == {k: v for k, v in saved.items() if k in resolved}
     assert set(saved) - set(resolved) == {"backend", "class_names", "num_classes", "precision_used", "strategy_used"}
-    # The same settings are the same run: it is accepted as its resumption (here with nothing left to train),
-    # not refused as a run with other settings.
+    # The same settings are the same run: it is accepted as its resumption (here with nothing left to train:
+    # it says the run is complete), not refused as a run with other settings.
     assert main(["--config", str(run / "config.json")]) == 0
+    assert capsys.readouterr().out.startswith(f"Run {run} is complete: 2 epochs trained")
     assert len((run / "history.csv").read_text().splitlines()) == 1 + 2
+
+
+# ----------------------------------------------------------------------------- failed starts and finished runs
+
+
+def _one_line_exit(argv, capsys, code=2):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    # One error line, last; a WARNING the data gave on the way may precede it.
+    assert [line for line in err if not line.startswith("WARNING ")] == err[-1:] and "Traceback" not in err[-1], err
+    return err[-1]
+
+
+def test_the_readme_commands_that_fail_their_checks_leave_nothing_on_disk(tmp_path, monkeypatch, capsys):
+    images, _ = make_folder(tmp_path)
+    one_class = tmp_path / "one"
+    shutil.copytree(images / "bee", one_class / "bee")
+    work = tmp_path / "work"  # an empty folder, the default runs/<date-time> beneath it
+    work.mkdir()
+    monkeypatch.chdir(work)
+    err = _one_line_exit(["--recipe", "cifar10", "--data", f"folder:{one_class}"], capsys)
+    assert err.endswith(f"folder:{one_class}: fewer training images than one batch of 512.")
+    err = _one_line_exit(["--recipe", "cifar10", "--data", f"folder:{images / 'cat'}"], capsys)  # flat: no classes
+    assert "has no class sub-folders" in err
+    # The README's mirrored ImageNet command on a machine without the data (or, off TensorFlow, the backend).
+    _one_line_exit(
+        ["--recipe", "imagenet", "--strategy", "mirrored", "--batch-size", "640", "--data-dir", str(tmp_path / "tfds")],
+        capsys,
+    )
+    assert os.listdir(work) == []
+    # --output-dir naming a folder of the user's: it keeps what it held, and nothing is added.
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    _one_line_exit(["--recipe", "cifar10", "--data", f"folder:{one_class}", "--output-dir", str(mine)], capsys)
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_that_fails_in_its_first_epoch_takes_away_only_what_it_made(tmp_path, capsys):
+    diverging = [*TINY_FLAGS, "--epochs", "2", "--steps-per-epoch", "2", "--precision", "float32", "--lr", "1e30"]
+    diverging += ["--clip-norm", "0"]
+    err = _one_line_exit([*diverging, "--output-dir", str(tmp_path / "new" / "run")], capsys, code=1)
+    assert "diverged at epoch 1" in err
+    assert os.listdir(tmp_path) == []  # the run dir and the parent made for it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert "diverged at epoch 1" in _one_line_exit([*diverging, "--output-dir", str(mine)], capsys, code=1)
+    assert os.listdir(mine) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("entry", ["history.csv", ".lock"])
+def test_a_folder_where_the_run_keeps_a_file_is_one_line_and_loses_nothing(tmp_path, capsys, entry):
+    run = tmp_path / "run"
+    (run / entry).mkdir(parents=True)
+    (run / entry / "kept.txt").write_text("mine")
+    err = _one_line_exit([*TINY_FLAGS, "--output-dir", str(run)], capsys)
+    assert err.endswith(
+        f"{run / entry} is a folder where a run keeps its {entry} file: move it away, or pass another --output-dir"
+    )
+    assert sorted(p.name for p in run.rglob("*")) == sorted([entry, "kept.txt"])
+
+
+def test_a_finished_run_says_it_is_complete_and_more_epochs_say_how_to_fine_tune(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = [*TINY_FLAGS, "--epochs", "1", "--steps-per-epoch", "2", "--output-dir", str(run)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert " 10 classes, 1 epoch x 2 steps, batch 32," in out and "\nDone: 1 epoch, val top-1 " in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    files = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    # Re-running it trains nothing and says so in one line, before any framework loads (on any backend).
+    code, heavy, out, err = probe(*argv)
+    assert (code, heavy, err) == (0, [], "")
+    assert out == (
+        f"Run {run} is complete: 1 epoch trained, val top-1 {metrics['val_top1']:.2%}; nothing left to train (its "
+        "best.keras, metrics.json and curves.png are there; pass a new --output-dir to train another run)."
+    )
+    # More epochs cannot continue a schedule that has ended: one line with the command that fine-tunes from it.
+    code, heavy, out, err = probe(*argv, "--epochs", "3")
+    assert (code, heavy, out) == (2, [], "") and len(err.splitlines()) == 1
+    assert f"{run} is complete after 1 epoch and its learning-rate schedule has ended, so it cannot go on to 3" in err
+    hint = err.split("by adding ")[1].split(" to this command")[0].split()
+    assert hint == ["--weights", str(run), "--output-dir", f"{run}-finetune"]
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files  # the finished run is untouched
+    assert main([*argv, "--epochs", "3", *hint]) == 0
+    tuned = json.loads((tmp_path / "run-finetune" / "metrics.json").read_text())
+    assert tuned["epochs"] == 3 and tuned["optimizer_steps"] == 6
+    assert json.loads((tmp_path / "run-finetune" / "config.json").read_text())["weights"]["source"] == str(run)

@@ -295,3 +295,63 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_space_is_back(
         assert again.returncode == 0, again.stderr[-3000:]
         assert _assert_consistent(run) == EPOCHS
         assert json.loads((run / "metrics.json").read_text())["optimizer_steps"] == EPOCHS * STEPS
+
+
+def test_a_failed_start_takes_away_only_what_it_made(tmp_path):
+    # A new directory (and the parents made for it) goes entirely.
+    new = rundir.RunDir(tmp_path / "a" / "b" / "run")
+    with pytest.raises(RuntimeError, match="failed start"), new.claimed():
+        new.write_config({"epochs": 2})
+        os.makedirs(os.path.join(new / "tensorboard", "train"))
+        raise RuntimeError("failed start")
+    assert list(tmp_path.iterdir()) == []
+    # A folder that was there keeps everything it held, the user's own tensorboard/ included.
+    mine = tmp_path / "mine"
+    (mine / "tensorboard").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    run = rundir.RunDir(mine)
+    with pytest.raises(KeyboardInterrupt), run.claimed():
+        run.write_config({"epochs": 2})
+        atomic.write_json(run / rundir.METRICS, {})
+        raise KeyboardInterrupt
+    assert sorted(os.listdir(mine)) == ["notes.txt", "tensorboard"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # A run with a recorded epoch is kept whatever fails after it.
+    done = rundir.RunDir(tmp_path / "done")
+    with pytest.raises(RuntimeError), done.claimed():
+        done.commit_epoch(_tiny_model(), [_row(0, 0.5)], "top1")
+        raise RuntimeError("after the first epoch")
+    assert {"history.csv", "backup", "best.json"} <= set(os.listdir(tmp_path / "done"))
+    assert len(rows(tmp_path / "done" / "history.csv")) == 1
+
+
+def test_a_second_start_never_takes_away_the_directory_of_the_run_that_holds_it(tmp_path):
+    first = rundir.RunDir(tmp_path / "run")
+    with first.claimed():
+        first.write_config({"epochs": 2})
+        second = rundir.RunDir(tmp_path / "run")
+        with pytest.raises(rundir.RunDirBusy, match="is in use by PID"), second.claimed():
+            pass
+        with pytest.raises(rundir.RunDirBusy, match="is in use by PID"):
+            second.check_free()  # said before the second run loads its data, without the lock
+        assert sorted(os.listdir(tmp_path / "run")) == [".lock", "backup", "config.json"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda run: (run / "history.csv").mkdir(parents=True), "history.csv is a folder where a run keeps its"),
+        (lambda run: (run / ".lock").mkdir(parents=True), ".lock is a folder where a run keeps its"),
+        (lambda run: run.mkdir() or (run / "backup").write_text("x"), "backup is a file where a run keeps its"),
+        (lambda run: run.parent.joinpath("file").write_text("x"), "lies under"),
+    ],
+)
+def test_a_path_that_cannot_hold_a_run_is_one_line_before_anything_is_written(tmp_path, make, message):
+    run = tmp_path / "run"
+    make(run)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    target = tmp_path / "file" / "run" if message == "lies under" else run
+    with pytest.raises(rundir.RunDirError, match=message) as excinfo:
+        rundir.RunDir(target).create()
+    assert "\n" not in str(excinfo.value) and "Errno" not in str(excinfo.value)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

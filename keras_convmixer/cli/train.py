@@ -18,7 +18,7 @@ import re
 import sys
 import tempfile
 
-from keras_convmixer import config, recipes, settings
+from keras_convmixer import config, recipes, resume, settings
 from keras_convmixer.cli.common import check_backend, import_or_fail, json_text, one_line_errors, setup_logging
 
 # Settings only the command line has: they are not part of a run's config.
@@ -244,6 +244,13 @@ def main(argv=None):
         resolved = recipes.resolve_config(recipe, settings)
     if print_config:
         print(json_text(resolved))
+        return 0
+    with one_line_errors(parser):
+        # A finished run (or a finished run asked for more epochs) is told before any framework loads.
+        run = config.Config(resolved)
+        done = resume.finished(run)
+    if done is not None:
+        print(resume.complete_line(done, resume.run_path(run)))
         return 0
     _quiet_frameworks()
     setup_logging()
