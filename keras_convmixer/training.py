@@ -18,6 +18,7 @@ from keras import ops
 from keras_convmixer import augment as aug
 from keras_convmixer import callbacks, data, distribute, report, resume, rundir
 from keras_convmixer.config import Config, RunRecord, run_json, view
+from keras_convmixer.data.in_memory import batch_stream
 from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone
 from keras_convmixer.schedules import OneCycle, cosine_with_warmup
 
@@ -76,22 +77,6 @@ def _subset(n, size, labels, seed):
     return np.random.default_rng(seed).permutation(keep)
 
 
-def array_batches(images, labels, batch_size, seed):
-    """Endless seeded stream of ``({"images", "labels"}, labels)`` batches over in-memory arrays.
-
-    Successive shuffled passes are chained, as the tf.data path's repeated shuffle: an epoch of
-    ``steps_per_epoch`` batches that ends inside a pass continues it in the next epoch, so a short
-    epoch still draws from every image. NumPy only (no TensorFlow needed).
-    """
-    rng = np.random.default_rng(seed)
-    pending = np.zeros(0, dtype=np.int64)
-    while True:
-        while len(pending) < batch_size:
-            pending = np.concatenate([pending, rng.permutation(len(labels))])
-        index, pending = pending[:batch_size], pending[batch_size:]
-        yield {"images": images[index], "labels": labels[index]}, labels[index]
-
-
 def _prepare_data(cfg):
     """Return ``(train, val, fit_kwargs, source_info)`` for the host/device and tf.data/in-memory paths.
 
@@ -128,7 +113,10 @@ def _prepare_data(cfg):
         info = dict(
             class_names=mem.class_names, num_train=len(y), num_val=len(yv), unreadable=unreadable, steps_per_epoch=steps
         )
-        stream = array_batches(x, y, batch, cfg["seed"])
+        # Successive shuffled passes chained (as the tf.data path's repeated shuffle), so a short epoch still draws
+        # from every image; on JAX without a distribution the arrays stay on the device and each step's batch is
+        # gathered there.
+        stream = batch_stream(x, y, batch, cfg["seed"])
         return stream, val, dict(validation_batch_size=batch, steps_per_epoch=steps, shuffle=False), info
 
     return _tf_data(cfg, batch, split, steps_cap)

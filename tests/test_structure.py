@@ -23,9 +23,9 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Left over the limits on purpose, each with its reason.
 OVER_THE_LIMIT = {
-    # Export and evaluation are reworked with the front-door work (streamed predict, tidy exports).
-    "keras_convmixer/export.py": "SavedModel, ONNX and .keras writers in one module until that rework",
-    "keras_convmixer/export.py:_write_saved_model": "until that rework",
+    # One tf.function per signature, each closing over the model part: split, they would pass it around.
+    "keras_convmixer/savedmodel.py:_write_saved_model": "the three serving signatures built side by side",
+    # Evaluation is reworked with the front-door work.
     "keras_convmixer/evaluation.py:evaluate": "until that rework",
     # The two loaders walk every source kind in one place; split with the streamed multi-process input.
     "keras_convmixer/data/sources.py:load_source": "one branch per source kind",
@@ -138,7 +138,7 @@ LAYERS = (
     ("models",),
     # What is built on a model: conversion to a folder, fine-tuning, saved artefacts, the typed config.
     ("conversion", "finetune", "artifacts", "config", "callbacks"),
-    ("resume", "report", "evaluation", "prediction", "export"),
+    ("resume", "report", "evaluation", "prediction", "savedmodel", "export"),
     ("training",),
     ("cli", "cli.common", "cli.train", "cli.evaluate", "cli.predict", "cli.export", "cli.convert"),
 )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_convmixer import recipes, training
+from keras_convmixer import data, recipes, training
 from tests.helpers import TINY_MODEL, cli_flags, rows, run_script
 
 COLOURS = {"blue": (40, 60, 210), "green": (40, 190, 60), "red": (210, 40, 40)}
@@ -145,19 +145,32 @@ def test_in_memory_subset_is_stratified_and_random():
     assert not np.array_equal(keep, np.sort(keep))  # shuffled, not in class order
 
 
-def test_in_memory_stream_draws_every_image_across_short_epochs():
-    # 10 images by class, batch 4: short epochs must continue through shuffled passes (as the tf.data
-    # path's repeated shuffle), not replay a prefix or a fixed subset.
-    images = np.arange(10, dtype="uint8").reshape(10, 1, 1, 1) * np.ones((1, 2, 2, 3), "uint8")
-    labels = np.arange(10, dtype="int32")
-    stream = training.array_batches(images, labels, 4, seed=0)
-    drawn = [next(stream) for _ in range(5)]  # 20 images: two whole passes
-    seen = np.concatenate([y for _, y in drawn])
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    assert seen[:10].tolist() != list(range(10))  # shuffled
-    for x, y in drawn:  # images travel with their labels
-        np.testing.assert_array_equal(x["images"][:, 0, 0, 0], y)
-        np.testing.assert_array_equal(x["labels"], y)
+def test_the_in_memory_stream_training_feeds_is_the_seeded_chain_of_shuffled_passes():
+    # What the in-memory path hands model.fit: seeded permutations of the training images chained and cut into
+    # batches (a short epoch continues the pass), written out here with NumPy; on JAX the batches are gathered
+    # on the device (data.in_memory.batch_stream), in the same order as the host's.
+    cfg = recipes.resolve_config(
+        "demo", dict(in_memory=True, augment_on="device", batch_size=32, seed=3, output_dir="unused", verbose=0)
+    )
+    stream, _, fit_kwargs, info = training._prepare_data(cfg)
+    mem = data.load_in_memory(
+        "digits", image_size=cfg["image_size"], val_split=cfg["val_split"], seed=cfg["split_seed"]
+    )
+    n = len(mem.y_train)
+    assert info["num_train"] == n and fit_kwargs["steps_per_epoch"] == n // 32
+    rng = np.random.default_rng(3)
+    order = np.concatenate([rng.permutation(n) for _ in range(3)])
+    steps = 2 * n // 32 + 3  # two passes and into the third; each pass ends inside a batch
+    drawn = [next(stream) for _ in range(steps)]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        assert isinstance(drawn[0][0]["images"], jax.Array)  # gathered on the device
+    for k, (x, y) in enumerate(drawn):
+        index = order[32 * k : 32 * (k + 1)]
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(x["images"]), mem.x_train[index])
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(x["labels"]), mem.y_train[index])
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(y), mem.y_train[index])
 
 
 @pytest.fixture(scope="module")
