@@ -11,46 +11,84 @@ Both sides read the same image folder, decode every JPEG (no cache) and batch; t
 ``--ours-impl`` (a comma list, each timed in the same run): ``image`` runs RandAugment (and erasing)
 per image before batching (``host_map``); ``batch`` after batching (``host_batch_map``, still one op
 choice per image); ``none`` leaves RandAugment and erasing out (decode, crop and flip only: what the
-augmentation costs on top).
+augmentation costs on top). The host part of ``--augment-on device`` (no flip; the rest runs on the device):
+``window`` decodes only the crop's window and resizes it to uint8 (``make_dataset(crop=HostCrop(...),
+dtype="uint8")``); ``crop-full`` decodes whole images and crops them (``tf_random_resized_crop``).
 The reference is a ``DataLoader(num_workers=--workers)``; it needs torch, torchvision and timm.
+``--sides`` may also name ``timm-loader`` (timm's ``create_loader`` with the recipe) and ``timm-loader-crop``
+(``create_loader`` with the crop and flip only). ``--rounds`` repeats the runs, interleaved, so that a
+shared machine's load falls on every side alike; compare the ratios within a round.
+``--make-folder N`` first writes an ImageNet-shaped folder of N JPEGs (about 500x375, quality 90, 10
+classes) at the ``--data`` path, if it is not there.
 
-Example:
+Examples:
   KERAS_BACKEND=jax python scripts/benchmark_input.py --data folder:/tmp/cifar10/train --max-batches 12
+  KERAS_BACKEND=tensorflow python scripts/benchmark_input.py --data folder:/tmp/inet1k --make-folder 1000 \
+      --recipe imagenet --batch-size 64 --max-batches 12 --sides ours,timm-loader --ours-impl window --rounds 3
 """
 
 import argparse
 import json
 import os
+import statistics
 import time
 
 from keras_convmixer.presets import IMAGENET_MEAN, IMAGENET_STD
 
 
-def benchmark_dataset(dataset, *, max_batches=None, warmup_batches=2, clock=time.perf_counter):
+def benchmark_dataset(dataset, *, max_batches=None, warmup_batches=2, clock=time.perf_counter, cpu=None):
     """Iterate ``dataset`` (batches of ``(images, ...)``) with the model left out and time it with ``clock``.
 
     Returns ``images`` and ``seconds`` over all batches read, and ``images_per_s`` over the batches
-    after ``warmup_batches`` (which pay for thread start-up and autotuning).
+    after ``warmup_batches`` (which pay for thread start-up and autotuning). ``cpu(iterator)``, when
+    given, reads the CPU seconds the loader has used so far (all its threads and worker processes):
+    ``images_per_cpu_s`` is then the steady batches' images over the CPU time spent meanwhile, which a
+    shared machine's load changes far less than the wall-clock rate.
     """
     images = steady_images = 0
     start = clock()
     steady_start = start
-    for i, batch in enumerate(dataset):
+    iterator = iter(dataset)
+    cpu_start = cpu(iterator) if cpu else None
+    for i, batch in enumerate(iterator):
         n = int(batch[0].shape[0])
         images += n
         if i == warmup_batches - 1:
             steady_start = clock()
+            cpu_start = cpu(iterator) if cpu else None
         elif i >= warmup_batches:
             steady_images += n
         if max_batches is not None and i + 1 >= max_batches:
             break
     end = clock()
     steady_seconds = end - steady_start
-    return {
+    result = {
         "images": images,
         "seconds": end - start,
         "images_per_s": (steady_images / steady_seconds) if steady_images else images / max(end - start, 1e-9),
     }
+    if cpu:
+        result["images_per_cpu_s"] = steady_images / max(cpu(iterator) - cpu_start, 1e-9)
+    return result
+
+
+def process_cpu(_iterator=None):
+    """This process's CPU seconds, all threads (tf.data's included)."""
+    return time.process_time()
+
+
+def loader_cpu(iterator):
+    """CPU seconds of this process and of a DataLoader iterator's worker processes, read from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for worker in getattr(iterator, "_workers", []):
+        try:
+            with open(f"/proc/{worker.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass  # a worker that has ended: its time is no longer readable
+    return total
 
 
 def _ours_layers(recipe, magnitude, seed):
@@ -62,10 +100,52 @@ def _ours_layers(recipe, magnitude, seed):
     return randaug, RandomErasing(0.25, mode="pixel", mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed)
 
 
+def make_imagenet_folder(root, images=1000, classes=10, seed=0):
+    """ImageNet-shaped JPEGs under ``root/<class>/``: photo-like content (smooth shapes plus fine texture),
+    about 500x375 in both orientations, quality 90 (PIL's default 4:2:0 chroma), as ImageNet's files are."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        folder = os.path.join(root, f"class_{i % classes:02d}")
+        os.makedirs(folder, exist_ok=True)
+        w, h = (500, int(rng.integers(333, 376))) if i % 4 else (int(rng.integers(333, 376)), 500)
+        coarse = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.int16)
+        texture = rng.normal(0, 12, ((h + 1) // 2, (w + 1) // 2, 1)).repeat(2, 0).repeat(2, 1)[:h, :w]
+        pixels = np.clip(base + texture, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def host_part(args, impl):
+    """The host part of ``--augment-on device``: decode and Inception crop only (``window`` or ``crop-full``)."""
+    from keras_convmixer import augment, data
+    from keras_convmixer.data.decoding import HostCrop
+
+    source = data.load_source(args.data, val_split=0)
+    scale, ratio, interpolation = (0.08, 1.0), (3 / 4, 4 / 3), "random"
+    common = dict(image_size=args.image_size, batch_size=args.batch_size, training=True, seed=args.seed, cache=False)
+    if impl == "window":
+        crop = HostCrop(scale, ratio, interpolation)
+        dataset = data.make_dataset(source.train, crop=crop, dtype="uint8", repeat=True, **common)
+    else:
+
+        def image_map(image):
+            return augment.tf_random_resized_crop(image, args.image_size, scale, ratio, interpolation)
+
+        dataset = data.make_dataset(source.train, image_map=image_map, repeat=True, **common)
+    result = benchmark_dataset(dataset, max_batches=args.max_batches, cpu=process_cpu)
+    result.update(side="ours", impl=impl, backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    return result
+
+
 def ours(args, impl):
     """Our tf.data pipeline through ``data.make_dataset``: returns the result dict."""
     import tensorflow as tf
 
+    if impl in ("window", "crop-full"):
+        return host_part(args, impl)
     from keras_convmixer import augment, data
 
     source = data.load_source(args.data, val_split=0)
@@ -104,7 +184,7 @@ def ours(args, impl):
         batch_map=batch_map,
         cache=False,
     )
-    result = benchmark_dataset(dataset, max_batches=args.max_batches)
+    result = benchmark_dataset(dataset, max_batches=args.max_batches, cpu=process_cpu)
     result.update(side="ours", impl=impl, backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
     return result
 
@@ -158,9 +238,116 @@ def reference(args):
         drop_last=True,
         persistent_workers=False,
     )
-    result = benchmark_dataset(loader, max_batches=args.max_batches)
+    result = benchmark_dataset(loader, max_batches=args.max_batches, cpu=loader_cpu)
     result.update(side="torchvision" if args.recipe == "cifar" else "timm", workers=args.workers)
     return result
+
+
+def timm_loader(args, crop_only):
+    """timm's own ``create_dataset`` + ``create_loader`` (no prefetcher: it is for CUDA) on the same folder."""
+    from tests.vision_reference import import_vision
+
+    torch, _, timm = import_vision()
+    from timm.data import create_dataset, create_loader
+
+    root = args.data.split(":", 1)[1] if args.data.startswith("folder:") else args.data
+    dataset = create_dataset("", root=root, is_training=True)
+    recipe = {} if crop_only else dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel")
+    torch.manual_seed(args.seed)
+    loader = create_loader(
+        dataset,
+        input_size=(3, args.image_size, args.image_size),
+        batch_size=args.batch_size,
+        is_training=True,
+        interpolation="random",
+        color_jitter=0.0,  # timm's default 0.4 is off when RandAugment is on; off in both variants here
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_workers=args.workers,
+        use_prefetcher=False,
+        persistent_workers=False,
+        device=torch.device("cpu"),
+        **recipe,
+    )
+    result = benchmark_dataset(loader, max_batches=args.max_batches, cpu=loader_cpu)
+    result.update(side="timm-loader-crop" if crop_only else "timm-loader", workers=args.workers)
+    return result
+
+
+def profile_host(args, files=300):
+    """CPU milliseconds per image of each step of the host part, one image at a time in a ``tf.function``
+    (one thread): where the time of ``window`` goes. Returns one result dict per step."""
+    import glob
+
+    import tensorflow as tf
+
+    from keras_convmixer.data import decoding
+
+    root = args.data.split(":", 1)[1] if args.data.startswith("folder:") else args.data
+    contents = [tf.constant(open(f, "rb").read()) for f in sorted(glob.glob(os.path.join(root, "*", "*.jp*g")))[:files]]
+    crop = decoding.HostCrop(interpolation="random")
+    size = args.image_size
+
+    def window(c, u):
+        shape = tf.io.extract_jpeg_shape(c, output_type=tf.int32)
+        top, left, h, w = decoding.crop_window(shape[0], shape[1], u, crop)
+        return tf.io.decode_and_crop_jpeg(c, tf.stack([top, left, h, w]), channels=3)
+
+    steps = {
+        "full decode": lambda c, u: tf.io.decode_jpeg(c, channels=3),
+        "window decode": window,
+        "window decode + resize (ours: window)": lambda c, u: decoding.decode_crop(c, size, u, crop),
+        "full decode + crop + resize": lambda c, u: decoding.crop_decoded(
+            tf.io.decode_jpeg(c, channels=3), size, u, crop
+        ),
+        "resize of a decoded window alone": lambda w, u: decoding.resize_window(w, size, u, crop),
+    }
+    uniforms = [tf.random.stateless_uniform([2 * crop.attempts + 3], seed=[args.seed, i]) for i in range(len(contents))]
+    windows = [window(c, u) for c, u in zip(contents, uniforms, strict=True)]
+    results = []
+    for name, step in steps.items():
+        fn = tf.function(step, reduce_retracing=True)
+        inputs = windows if name.startswith("resize") else contents
+        fn(inputs[0], uniforms[0])  # trace
+        start = time.process_time()
+        for c, u in zip(inputs, uniforms, strict=True):
+            fn(c, u)
+        ms = (time.process_time() - start) / len(contents) * 1000
+        results.append({"side": "profile", "step": name, "cpu_ms_per_image": round(ms, 3), "images": len(contents)})
+    return results
+
+
+SIDES = ("ours", "reference", "timm-loader", "timm-loader-crop", "profile")
+IMPLS = ("image", "batch", "none", "window", "crop-full")
+
+
+def _run(args, side, impl):
+    if side == "profile":
+        return profile_host(args)
+    if side == "ours":
+        return ours(args, impl)
+    if side == "reference":
+        return reference(args)
+    return timm_loader(args, crop_only=side == "timm-loader-crop")
+
+
+def _summary(results):
+    """Median images/s (wall clock and per CPU second) of each run, and each run's ratio to the first
+    non-ours side in the same round."""
+    names = list(dict.fromkeys(r["run"] for r in results))
+    summary = {}
+    for key in ("images_per_s", "images_per_cpu_s"):
+        rates = {name: [r.get(key) for r in results if r["run"] == name] for name in names}
+        rates = {name: v for name, v in rates.items() if None not in v}
+        summary["median_" + key] = {name: round(statistics.median(v), 1) for name, v in rates.items()}
+        anchor = next((name for name in rates if not name.startswith("ours")), None)
+        if anchor is not None:
+            summary[f"{key}_ratio_to_{anchor}"] = {
+                name: [round(a / b, 3) for a, b in zip(rates[name], rates[anchor], strict=True)]
+                for name in rates
+                if name != anchor
+            }
+    return summary
 
 
 def main(argv=None):
@@ -172,8 +359,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-batches", type=int, default=12, help="batches per side (2 are warm-up)")
     parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
-    parser.add_argument("--ours-impl", default="image,batch", help="comma list of: image, batch, none")
-    parser.add_argument("--sides", default="ours,reference", help="comma list of: ours, reference")
+    parser.add_argument("--ours-impl", default="image,batch", help=f"comma list of: {', '.join(IMPLS)}")
+    parser.add_argument("--sides", default="ours,reference", help=f"comma list of: {', '.join(SIDES)}")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all runs, interleaved")
+    parser.add_argument("--make-folder", type=int, default=0, help="first write an ImageNet-shaped folder of N JPEGs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.image_size is None:
@@ -181,16 +370,32 @@ def main(argv=None):
     if args.batch_size < 1 or args.image_size < 1 or (args.max_batches is not None and args.max_batches < 3):
         parser.error("--batch-size and --image-size must be positive and --max-batches at least 3")
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if not sides or any(s not in ("ours", "reference") for s in sides):
-        parser.error(f"--sides must list 'ours' and/or 'reference', got {args.sides!r}")
+    if not sides or any(s not in SIDES for s in sides):
+        parser.error(f"--sides must list some of {', '.join(SIDES)}, got {args.sides!r}")
     impls = [s.strip() for s in args.ours_impl.split(",") if s.strip()]
-    if "ours" in sides and (not impls or any(i not in ("image", "batch", "none") for i in impls)):
-        parser.error(f"--ours-impl must list 'image', 'batch' and/or 'none', got {args.ours_impl!r}")
+    if "ours" in sides and (not impls or any(i not in IMPLS for i in impls)):
+        parser.error(f"--ours-impl must list some of {', '.join(IMPLS)}, got {args.ours_impl!r}")
+    if args.rounds < 1 or args.make_folder < 0:
+        parser.error("--rounds must be positive and --make-folder not negative")
+    if args.make_folder:
+        root = args.data.split(":", 1)[1] if args.data.startswith("folder:") else args.data
+        if not os.path.isdir(root):
+            make_imagenet_folder(root, args.make_folder)
     runs = [(side, impl) for side in sides for impl in (impls if side == "ours" else [None])]
-    for side, impl in runs:
-        result = ours(args, impl) if side == "ours" else reference(args)
-        result.update(recipe=args.recipe, image_size=args.image_size, batch_size=args.batch_size)
-        print(json.dumps(result), flush=True)
+    results = []
+    for round_ in range(args.rounds):
+        for side, impl in runs:
+            result = _run(args, side, impl)
+            if side == "profile":
+                for step in result:
+                    print(json.dumps({**step, "round": round_}), flush=True)
+                continue
+            result.update(recipe=args.recipe, image_size=args.image_size, batch_size=args.batch_size, round=round_)
+            result["run"] = f"ours:{impl}" if side == "ours" else side
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    if results and (args.rounds > 1 or len(runs) > 1):
+        print(json.dumps({"summary": _summary(results)}), flush=True)
     return 0
 
 

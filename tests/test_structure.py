@@ -117,6 +117,7 @@ LAYERS = (
         "data.sources",
         "data.in_memory",
         "data.tf_pipeline",
+        "data.decoding",
         "augment",
         "augment.xp",
         "augment.image_ops",

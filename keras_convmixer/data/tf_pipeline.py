@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from keras_convmixer.data import decoding
+from keras_convmixer.data.decoding import HostCrop
+from keras_convmixer.data.decoding import encoded_size as _encoded_size  # noqa: F401  (its tests' name)
 from keras_convmixer.data.folders import DecodeAudit
 from keras_convmixer.data.sources import Split
 from keras_convmixer.data.transforms import check_interpolation, check_max_pixels, eval_geometry, scale_size
@@ -68,55 +71,7 @@ def _resize(image, new_h, new_w, method):
     return tf.cond(same, lambda: tf.cast(image, tf.float32), lambda: tf.cond(shrink, resize(True), resize(False)))
 
 
-def _encoded_size(contents):
-    """``(height, width)`` as int64 from the encoded bytes, as ``transforms.image_header`` reads them; 0 if unknown.
-
-    For splits whose sizes the scan did not read (``verify="none"``, hand-made splits). Only the
-    branch of the file's format runs.
-    """
-    tf = import_tf()
-    head = tf.strings.substr(tf.strings.join([tf.strings.substr(contents, 0, 32), b"\0" * 32]), 0, 32)
-
-    def number(start, n, big_endian=False):
-        digits = tf.cast(tf.io.decode_raw(tf.strings.substr(head, start, n), tf.uint8), tf.int64)
-        return tf.reduce_sum(
-            digits * tf.constant([256 ** (n - 1 - k if big_endian else k) for k in range(n)], tf.int64)
-        )
-
-    def is_(prefix, start=0):
-        return tf.equal(tf.strings.substr(head, start, len(prefix)), prefix)
-
-    def signed32(v):
-        return tf.abs(tf.where(v >= 2**31, v - 2**32, v))
-
-    def jpeg():
-        shape = tf.io.extract_jpeg_shape(contents, output_type=tf.int64)
-        return shape[0], shape[1]
-
-    def bmp():
-        core = tf.equal(number(14, 4), 12)  # OS/2 header: 16-bit sizes
-        height = tf.where(core, number(20, 2), signed32(number(22, 4)))
-        return height, tf.where(core, number(18, 2), signed32(number(18, 4)))
-
-    def vp8l():
-        bits = number(21, 4)
-        return (bits // 2**14) % 2**14 + 1, bits % 2**14 + 1
-
-    branches = [  # (signature, size)
-        (is_(b"\xff\xd8\xff"), jpeg),
-        (is_(b"\x89PNG"), lambda: (number(20, 4, True), number(16, 4, True))),
-        (is_(b"GIF8"), lambda: (number(8, 2), number(6, 2))),  # the logical screen, which TF decodes to
-        (is_(b"BM"), bmp),
-        (is_(b"WEBPVP8 ", 8), lambda: (number(28, 2) % 2**14, number(26, 2) % 2**14)),
-        (is_(b"WEBPVP8L", 8), vp8l),
-        (is_(b"WEBPVP8X", 8), lambda: (number(27, 3) + 1, number(24, 3) + 1)),
-        (tf.constant(True), lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64))),
-    ]
-    kind = tf.argmax(tf.cast(tf.stack([match for match, _ in branches]), tf.int32), output_type=tf.int32)
-    return tf.switch_case(kind, [size for _, size in branches])
-
-
-def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, buffer, seed):
+def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, buffer, seed, crop=None, size=None):
     """The decoded stream of a files split, as ``(uint8 image, tag)``, and ``finish``, which batches it.
 
     A file that fails to decode (or, when the scan did not read sizes, has more than ``split.max_pixels``
@@ -124,6 +79,8 @@ def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, b
     finds it. The label carries the file's index (``tag = index * classes + label``), so the stream carries
     nothing more than before and no Python or table work runs per image. ``audit`` reads the tracker
     lazily, on the host; a file is one entry however often a repeating stream retries it.
+    With ``crop`` (a ``decoding.HostCrop``), uncached files are decoded only inside their crop window;
+    cached ones are decoded whole once and cropped on each pass.
     """
     tf = import_tf()
     max_pixels = check_max_pixels(split.max_pixels)
@@ -134,33 +91,32 @@ def _file_stream(split: Split, audit: DecodeAudit, *, training, cache, repeat, b
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-    decode = _decoder(max_pixels if not split.sizes_checked else None)
+    window = crop is not None and not cache
+    decode = decoding.decoder(max_pixels if not split.sizes_checked else None, crop if window else None, size, seed)
+    ds = ds.enumerate() if window else ds
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     if training and cache:
         ds = ds.cache().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
+        ds = _cropped(ds, crop, size, seed)
     if training:  # each iteration numbers its passes above all earlier ones
         ds = _nothing_but(tracker.restart, ds).concatenate(ds)
     audit._watch(lambda: [(split.paths[i], max_pixels) for i in np.flatnonzero(tracker.failed())])
     return ds, tracker.finish
 
 
-def _decoder(max_pixels):
-    """``(path, tag) -> (uint8 HWC image, tag)``; with ``max_pixels``, a larger image fails from its header."""
+def _cropped(ds, crop, size, seed):
+    """Decoded ``(image, label)`` elements cropped by ``crop``, keyed by their position (None: unchanged)."""
+    if crop is None:
+        return ds
     tf = import_tf()
 
-    def decode(path, tag):
-        contents = tf.io.read_file(path)
-        checks = []
-        if max_pixels is not None:
-            height, width = _encoded_size(contents)
-            checks = [tf.debugging.assert_less_equal(height * width, tf.constant(max_pixels, tf.int64))]
-        with tf.control_dependencies(checks):
-            image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
-        return tf.ensure_shape(image, [None, None, 3]), tag
+    def cut(position, item):
+        image, label = item
+        return decoding.crop_decoded(image, size, decoding.draws(crop, seed, position), crop), label
 
-    return decode
+    return ds.enumerate().map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _nothing_but(effect, like):
@@ -297,11 +253,24 @@ def _check_arguments(split, image_size, batch_size, interpolation, audit):
         raise ValueError(f"audit must be a DecodeAudit, got {type(audit).__name__}")
 
 
-def _per_image(training, image_size, crop_pct, interpolation, image_map):
-    """The per-image map: ``image_map`` (default: a plain resize) for training, else the eval transform."""
+def _check_stream(training, repeat, crop, dtype, image_map):
+    decoding.check_crop(crop, training)
+    if repeat and not training:
+        raise ValueError("make_dataset(repeat=True) is for training streams only")
+    if dtype not in ("float32", "uint8"):
+        raise ValueError(f"make_dataset dtype must be 'float32' or 'uint8', got {dtype!r}")
+    if dtype == "uint8" and (crop is None or image_map is not None):
+        raise ValueError("make_dataset(dtype='uint8') keeps the host crop's pixels: it needs crop= and no image_map")
+
+
+def _per_image(training, image_size, crop_pct, interpolation, image_map, dtype="float32"):
+    """The per-image map: ``image_map`` (default: a plain resize) for training, else the eval transform.
+    ``dtype="uint8"``: the host crop's uint8 square as it is."""
     tf = import_tf()
     if not training:
         return lambda image, label: (eval_transform(image, image_size, crop_pct, interpolation), label)
+    if dtype == "uint8":
+        return lambda image, label: (tf.ensure_shape(image, [image_size, image_size, 3]), label)
     if image_map is None:
 
         def image_map(image):
@@ -314,12 +283,14 @@ def _per_image(training, image_size, crop_pct, interpolation, image_map):
     return per_image
 
 
-def _shuffled_stream(split, audit, *, training, cache, repeat, buffer, seed):
-    """``(decoded stream, finish)``: shuffled (after the cache, when there is one) and repeated as asked;
-    ``finish`` batches a files stream (None for the others)."""
-    if split.kind == "files":  # it caches, shuffles and repeats itself, around its decode
+def _shuffled_stream(split, audit, *, training, cache, repeat, buffer, seed, crop=None, size=None):
+    """``(decoded stream, finish)``: shuffled (after the cache, when there is one), repeated and cropped as
+    asked; ``finish`` batches a files stream (None for the others)."""
+    if split.kind == "files":  # it caches, shuffles, repeats and crops itself, around its decode
         audit = audit if audit is not None else split.audit if split.audit is not None else DecodeAudit()
-        return _file_stream(split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed)
+        return _file_stream(
+            split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed, crop=crop, size=size
+        )
     ds = _base_dataset(split, training, seed)
     if training:
         if cache:
@@ -327,7 +298,17 @@ def _shuffled_stream(split, audit, *, training, cache, repeat, buffer, seed):
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-    return ds, None
+    return _cropped(ds, crop, size, seed), None
+
+
+def _cache_and_buffer(split, cache, shuffle_buffer):
+    """Whether to cache (``"auto"``: when the decoded split is known to fit) and the shuffle buffer's size."""
+    if cache == "auto":
+        cache = split.kind != "arrays" and split.pixels is not None and split.pixels <= CACHE_BUDGET_BYTES
+    buffer = shuffle_buffer or max(len(split), 1)
+    if shuffle_buffer is None and split.kind == "tfds" and not cache:
+        buffer = min(buffer, 10_000)  # these elements are decoded images (file paths cost nothing to hold)
+    return cache, buffer
 
 
 def make_dataset(
@@ -346,12 +327,17 @@ def make_dataset(
     drop_remainder: bool | None = None,
     repeat: bool = False,
     audit: DecodeAudit | None = None,
+    crop: HostCrop | None = None,
+    dtype: str = "float32",
 ):
     """Build the batched ``tf.data.Dataset`` of ``(images float32 [B,H,W,3] in [0,255], labels int32 [B])``.
 
     training=True: seeded shuffle -> parallel decode -> ``image_map(uint8 HWC)`` per image (default:
     plain resize to ``image_size``) -> batch (drop_remainder defaults to True) -> ``batch_map`` ->
     prefetch. training=False: decode -> ``eval_transform`` -> batch -> ``batch_map`` -> prefetch.
+    ``crop`` (a ``HostCrop``, training only): the Inception crop to ``image_size`` during the decode, which
+    for an uncached JPEG decodes only the crop's window (``decoding``); ``image_map`` then gets the uint8
+    square. ``dtype="uint8"`` (with ``crop`` and no ``image_map``) batches those squares as uint8.
     ``cache="auto"`` caches decoded images in RAM when the split is known to fit
     (``CACHE_BUDGET_BYTES``); True/False force it. ``shuffle_buffer=None`` shuffles the whole split
     (uncached TFDS splits: 10,000 decoded images).
@@ -365,20 +351,15 @@ def make_dataset(
     """
     tf = import_tf()
     _check_arguments(split, image_size, batch_size, interpolation, audit)
-    if repeat and not training:
-        raise ValueError("make_dataset(repeat=True) is for training streams only")
-    if drop_remainder is None:
-        drop_remainder = training
-    if cache == "auto":
-        cache = split.kind != "arrays" and split.pixels is not None and split.pixels <= CACHE_BUDGET_BYTES
+    _check_stream(training, repeat, crop, dtype, image_map)
+    drop_remainder = training if drop_remainder is None else drop_remainder
+    cache, buffer = _cache_and_buffer(split, cache, shuffle_buffer)
     autotune = tf.data.AUTOTUNE
-    buffer = shuffle_buffer or max(len(split), 1)
-    if shuffle_buffer is None and split.kind == "tfds" and not cache:
-        buffer = min(buffer, 10_000)  # these elements are decoded images (file paths cost nothing to hold)
-    ds, finish = _shuffled_stream(split, audit, training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed)
+    stream = dict(training=training, cache=cache, repeat=repeat, buffer=buffer, seed=seed, crop=crop, size=image_size)
+    ds, finish = _shuffled_stream(split, audit, **stream)
     keep_order = True if split.kind == "files" else None  # a files stream's record relies on the decode order
     ds = ds.map(
-        _per_image(training, image_size, crop_pct, interpolation, image_map),
+        _per_image(training, image_size, crop_pct, interpolation, image_map, dtype),
         num_parallel_calls=autotune,
         deterministic=keep_order,
     )
