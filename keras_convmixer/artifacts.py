@@ -151,18 +151,25 @@ def _open_run_dir(path):
     raise ModelPathError(f"Run dir {path!r} has no loadable model file: {', '.join(broken + missing)}.")
 
 
-def embed_preset(model_file, config):
-    """Write the eval preset of ``config`` (the ``PRESET_KEYS`` it has) into the ``.keras`` archive ``model_file``,
-    replacing any preset it held; crash-safe (a copy is changed, then renamed over the file)."""
+def preset_entries(config):
+    """The archive entry that carries the eval preset of ``config`` (the ``PRESET_KEYS`` it has), for
+    ``atomic.save_model(..., entries=preset_entries(config))``."""
     preset = {key: config[key] for key in PRESET_KEYS if config.get(key) is not None}
+    return {PRESET_ENTRY: json.dumps(preset, indent=2, default=float)}
+
+
+def embed_preset(model_file, config):
+    """Write the eval preset of ``config`` into the ``.keras`` archive ``model_file`` that is already saved,
+    replacing any preset it held; crash-safe (a copy is changed, then renamed over the file)."""
+    ((name, text),) = preset_entries(config).items()
     with atomic.atomic_path(model_file) as tmp:
         with zipfile.ZipFile(model_file) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as target:
             for item in source.infolist():
-                if item.filename != PRESET_ENTRY:
+                if item.filename != name:
                     with source.open(item) as src, target.open(item, "w") as dst:
                         shutil.copyfileobj(src, dst)
-            target.writestr(PRESET_ENTRY, json.dumps(preset, indent=2, default=float))
-    return preset
+            target.writestr(name, text)
+    return json.loads(text)
 
 
 def read_preset(model_file):

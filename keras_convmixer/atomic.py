@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import zipfile
 
 from keras_convmixer.jsontext import json_text
 
@@ -100,9 +101,19 @@ def write_json(path, obj):
     write_text(path, json_text(json.loads(json.dumps(obj, default=str))) + "\n")
 
 
-def save_model(model, path):
+def save_model(model, path, entries=None):
+    """``model.save(path)``, crash-safe; ``entries`` (``{name: text}``) are added to the ``.keras`` archive in
+    the same write (appended: no second copy of the weights), where Keras's loader leaves them alone."""
+
+    def write(tmp):
+        model.save(tmp)
+        if entries:
+            with zipfile.ZipFile(tmp, "a") as archive:
+                for name, text in entries.items():
+                    archive.writestr(name, text)
+
     with atomic_path(path) as tmp:
-        _disk_errors_as_oserror(path, lambda: model.save(tmp))
+        _disk_errors_as_oserror(path, lambda: write(tmp))
 
 
 def save_weights(model, path):

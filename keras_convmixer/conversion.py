@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from keras_convmixer import atomic, convert, presets, rundir
+from keras_convmixer import artifacts, atomic, convert, presets, rundir
 from keras_convmixer.models import ConvMixer
 
 logger = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ def convert_checkpoint(
     class_names, names_from = _class_names(class_names, arch)
     os.makedirs(output_dir, exist_ok=True)
     atomic.save_weights(model, os.path.join(output_dir, "model.weights.h5"))
-    atomic.save_model(model, os.path.join(output_dir, "model.keras"))
     config = _folder_config(path, arch, class_names, names_from, use_ema)
+    atomic.save_model(model, os.path.join(output_dir, "model.keras"), entries=artifacts.preset_entries(config))
     atomic.write_json(os.path.join(output_dir, rundir.CONFIG), config)
     return config
 

@@ -32,7 +32,8 @@ import warnings
 
 import keras
 
-from keras_convmixer.artifacts import embed_preset, is_saved_model_dir, open_model
+from keras_convmixer import atomic
+from keras_convmixer.artifacts import is_saved_model_dir, open_model, preset_entries
 from keras_convmixer.savedmodel import ExportBackendError, export_saved_model, require_backend
 
 FORMATS = ("savedmodel", "onnx", "keras")
@@ -246,8 +247,7 @@ def export_keras(bundle, output, verbose=False):
     """``model.keras`` (as trained: raw [0, 255] pixels in, logits out) for Keras users."""
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, "model.keras")
-    bundle.model.save(path)
-    embed_preset(path, bundle.config)  # the file alone then predicts as the run does
+    atomic.save_model(bundle.model, path, entries=preset_entries(bundle.config))  # the file alone predicts as the run
     return {
         "model.keras": {
             "input": f"float32 [N, {bundle.image_size}, {bundle.image_size}, 3] in [0, 255]",

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import sys
 
 import keras
@@ -329,6 +330,19 @@ def _cli(capsys, *argv):
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_a_converted_keras_file_alone_carries_its_eval_transform(cifar, tmp_path):
+    from keras_convmixer.artifacts import open_model
+
+    # Settings no variant has, so that only the file itself can be where they come from.
+    mean, std, names = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4], [f"kind {i}" for i in range(10)]
+    conversion.convert_checkpoint(cifar["ckpt"], tmp_path / "out", image_size=40, mean=mean, std=std, class_names=names)
+    alone = tmp_path / "copied.keras"  # no config.json beside it
+    shutil.copy(tmp_path / "out" / "model.keras", alone)
+    config = open_model(alone).config
+    assert (config["model"], config["image_size"], config["num_classes"]) == ("convmixer_256_8", 40, 10)
+    assert (list(config["mean"]), list(config["std"]), config["class_names"]) == (mean, std, names)
 
 
 def test_cli_image_size_defaults_to_the_variants_and_says_so(cifar, tmp_path, capsys):
