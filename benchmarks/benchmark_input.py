@@ -13,7 +13,8 @@ per image before batching (``host_map``); ``batch`` after batching (``host_batch
 choice per image); ``none`` leaves RandAugment and erasing out (decode, crop and flip only: what the
 augmentation costs on top). The host part of ``--augment-on device`` (no flip; the rest runs on the device):
 ``window`` decodes only the crop's window and resizes it to uint8 (``make_dataset(crop=HostCrop(...),
-dtype="uint8")``); ``crop-full`` decodes whole images and crops them (``tf_random_resized_crop``).
+dtype="uint8")``); ``crop-full`` decodes whole images and crops them (``tf_random_resized_crop``);
+``stream`` is ``window``'s work through ``data.stream.ShardedStream`` (one process of one).
 The reference is a ``DataLoader(num_workers=--workers)``; it needs torch, torchvision and timm.
 ``--sides`` may also name ``timm-loader`` (timm's ``create_loader`` with the recipe) and ``timm-loader-crop``
 (``create_loader`` with the crop and flip only). ``--rounds`` repeats the runs, interleaved, so that a
@@ -119,7 +120,7 @@ def make_imagenet_folder(root, images=1000, classes=10, seed=0):
 
 
 def host_part(args, impl):
-    """The host part of ``--augment-on device``: decode and Inception crop only (``window`` or ``crop-full``)."""
+    """The host part of ``--augment-on device``: decode and Inception crop only (see the module)."""
     from keras_convmixer import augment, data
     from keras_convmixer.data.decoding import HostCrop
 
@@ -129,6 +130,13 @@ def host_part(args, impl):
     if impl == "window":
         crop = HostCrop(scale, ratio, interpolation)
         dataset = data.make_dataset(source.train, crop=crop, dtype="uint8", repeat=True, **common)
+    elif impl == "stream":
+        from keras_convmixer.data.stream import ShardedStream
+
+        crop = HostCrop(scale, ratio, interpolation)
+        size = args.image_size
+        stream = ShardedStream(source.train, image_size=size, global_batch=args.batch_size, seed=args.seed, crop=crop)
+        dataset = stream.dataset()
     else:
 
         def image_map(image):
@@ -144,7 +152,7 @@ def ours(args, impl):
     """Our tf.data pipeline through ``data.make_dataset``: returns the result dict."""
     import tensorflow as tf
 
-    if impl in ("window", "crop-full"):
+    if impl in ("window", "crop-full", "stream"):
         return host_part(args, impl)
     from keras_convmixer import augment, data
 
@@ -318,7 +326,7 @@ def profile_host(args, files=300):
 
 
 SIDES = ("ours", "reference", "timm-loader", "timm-loader-crop", "profile")
-IMPLS = ("image", "batch", "none", "window", "crop-full")
+IMPLS = ("image", "batch", "none", "window", "crop-full", "stream")
 
 
 def _run(args, side, impl):

@@ -118,6 +118,7 @@ LAYERS = (
         "data.in_memory",
         "data.tf_pipeline",
         "data.decoding",
+        "data.stream",
         "augment",
         "augment.xp",
         "augment.image_ops",
