@@ -3,6 +3,7 @@ generated colour images."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import run_script
 from tests.shipping import (
     CLASSES,
     MISLABELLED,
@@ -24,6 +26,7 @@ from tests.shipping import (
     run_cli,
     softmax,
     torchvision_eval_images,
+    write_colour_folder,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +121,45 @@ def test_evaluate_defaults_to_the_runs_validation_split(trained, capsys):
     assert 0 < report["num_images"] < TOTAL
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
     assert "confusion_png" not in report  # no --output, no --confusion-png: no picture
+
+
+# What the frameworks print to stderr as they load and probe for CUDA (TensorFlow's native INFO/WARNING lines,
+# the no-GPU cuInit error), none of it about the command.
+_FRAMEWORK_NOISE = (
+    r"^[IWE]\d{4} \d\d:\d\d:\d\d",
+    r"absl::InitializeLog",
+    r"To enable the following instructions",
+    r"failed call to cuInit",
+    r"oneDNN custom operations",
+)
+
+
+def test_a_held_out_folder_given_alone_is_scored_whole_and_quietly(trained, tmp_path):
+    held_out = tmp_path / "test"
+    write_colour_folder(held_out, np.random.default_rng(1))  # new images, not the run's folder
+    # No TF_CPP_MIN_LOG_LEVEL: the command quiets TensorFlow itself (evaluate's tf.data loads it on every backend).
+    proc = run_script(
+        ["-m", "keras_convmixer.cli.evaluate", str(trained["run"]), "--data", f"folder:{held_out}"],
+        env_extra={"TF_CPP_MIN_LOG_LEVEL": None},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in proc.stderr.splitlines() if any(re.search(p, line) for p in _FRAMEWORK_NOISE)]
+    assert noise == [], proc.stderr
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("INFO ")] == [], proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["split"] == "all" and report["num_images"] == TOTAL
+    # The colour classifier gets exactly the mislabelled images wrong, and agrees with a count made file by file.
+    assert report["top1"] == pytest.approx((TOTAL - MISLABELLED) / TOTAL, abs=1e-12)
+    assert report["top1"] == pytest.approx(_independent_metrics(trained["model"], held_out)["top1"], abs=1e-12)
+
+
+def test_split_all_scores_every_image_of_the_runs_data(trained, capsys):
+    code, out, err = run_cli("evaluate", [trained["run"], "--split", "all"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["split"] == "all" and report["num_images"] == TOTAL and report["val_split"] == 0
+    code, out, err = run_cli("evaluate", [trained["run"], "--split", "all", "--val-split", "0.5"], capsys)
+    assert code == 2 and "takes no val_split" in one_error_line(err)
 
 
 def _predict_reference(model, paths, tf_transform=False):

@@ -3,10 +3,15 @@ JSON, and progress goes to stderr so stdout stays machine-readable."""
 
 import argparse
 import contextlib
+import glob
 import importlib
+import importlib.abc
+import importlib.util
 import logging
 import os
+import re
 import sys
+import tempfile
 
 from keras_convmixer.errors import check_keras_backend, first_line
 from keras_convmixer.jsontext import json_text
@@ -23,6 +28,7 @@ __all__ = [
     "load_main",
     "one_line_errors",
     "positive_int",
+    "quiet_frameworks",
     "setup_logging",
     "start",
 ]
@@ -70,7 +76,7 @@ def start(parser, argv, module):
     ``module`` is imported."""
     check_backend(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_frameworks()
     setup_logging()
     return args, import_or_fail(parser, module)
 
@@ -149,3 +155,108 @@ def setup_logging(level=logging.INFO):
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         logger.addHandler(handler)
     return logger
+
+
+# ----------------------------------------------------------------------------- framework noise on stderr
+
+# What TensorFlow's native code prints to stderr while it loads, before absl logging is set up (so
+# TF_CPP_MIN_LOG_LEVEL does not reach it): INFO/WARNING lines about CUDA probing, oneDNN and CPU features.
+_TF_LOAD_NOISE = (
+    r"[IW]\d{4} \d\d:\d\d:\d\d",
+    r"WARNING: All log messages before absl::InitializeLog",
+    r"To enable the following instructions: ",
+)
+# TensorFlow's CUDA probe logs an ERROR on every machine without a GPU; it is only news where a GPU is.
+_NO_GPU_NOISE = r"E\d{4} [^\n]*failed call to cuInit"
+
+
+def _noise():
+    patterns = list(_TF_LOAD_NOISE)
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        patterns.append(_NO_GPU_NOISE)
+    return re.compile("^(" + "|".join(patterns) + ")")
+
+
+@contextlib.contextmanager
+def native_stderr_without(noise):
+    """Run the block with file descriptor 2 captured (native libraries write there, not to sys.stderr),
+    then pass on every line that ``noise`` does not match: errors and anything unexpected still show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not noise.match(line)))
+            sys.stderr.flush()
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """TensorFlow's own loader, run with its load-time noise filtered; the CUDA probe, which logs too, is made
+    here under the same filter (listing devices leaves ``tf.config.set_visible_devices`` free to run later)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with native_stderr_without(_noise()):
+            self.loader.exec_module(module)
+            with contextlib.suppress(Exception):
+                module.config.list_physical_devices("GPU")
+        _quiet_absl()
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as the other finders do and hands it ``_QuietLoader``: whatever imports TensorFlow
+    first (tf.data, a SavedModel, TensorBoard, Keras itself), and whenever, it loads without the noise, and a
+    command that never needs it never pays for loading it."""
+
+    _finding = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow" or self._finding:
+            return None
+        self._finding = True  # the other finders' answer, asked through the import system (and its hooks)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _QuietLoader):
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def _quiet_absl():
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def quiet_frameworks(load_tensorflow=False):
+    """Keep the frameworks' start-up noise off stderr, so a command's first lines are its own: TensorFlow's
+    INFO and WARNING lines (``TF_CPP_MIN_LOG_LEVEL=2`` unless the user set it), the native lines it prints while
+    it loads, its no-GPU ``cuInit`` error where there is no GPU, and absl's below ERROR. Errors and anything
+    unexpected still show. ``load_tensorflow`` loads it now where it is installed (a command that will)."""
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    _quiet_absl()
+    if "tensorflow" in sys.modules:
+        return
+    if not any(isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowFinder())
+    if load_tensorflow and importlib.util.find_spec("tensorflow") is not None:
+        importlib.import_module("tensorflow")

@@ -6,6 +6,7 @@ progress goes to stderr. A SavedModel runs its own TensorFlow graph (which can r
 only opened with --trust-savedmodel.
 
     convmixer-evaluate runs/digits --split val --output runs/digits/eval.json   # + runs/digits/eval_confusion.png
+    convmixer-evaluate runs/digits --data folder:/data/test        # a held-out folder: every image in it
 """
 
 import argparse
@@ -19,7 +20,13 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="run dir, .keras file or exported SavedModel dir")
     parser.add_argument("--data", help="digits | folder:<path> | tfds:<name> (default: the run's)")
-    parser.add_argument("--split", choices=("val", "train"), default="val", help="(default: val)")
+    parser.add_argument(
+        "--split",
+        choices=("val", "train", "all"),
+        help="val: the run's validation images; train: its training images; all: every image of --data, none "
+        "held out (default: all for a --data other than the run's given without --val-split/--val-source, "
+        "e.g. a held-out test folder; else val)",
+    )
     parser.add_argument("--val-split", type=float, help="validation fraction (default: the run's)")
     parser.add_argument("--val-source", help="separate validation folder / TFDS split name")
     parser.add_argument("--seed", type=int, help="split seed (default: the run's)")

@@ -11,15 +11,17 @@ best.keras, last.keras, metrics.json, curves.png and TensorBoard logs.
 """
 
 import argparse
-import contextlib
-import importlib.util
-import os
-import re
 import sys
-import tempfile
 
 from keras_convmixer import config, recipes, resume, settings
-from keras_convmixer.cli.common import check_backend, import_or_fail, json_text, one_line_errors, setup_logging
+from keras_convmixer.cli.common import (
+    check_backend,
+    import_or_fail,
+    json_text,
+    one_line_errors,
+    quiet_frameworks,
+    setup_logging,
+)
 
 # Settings only the command line has: they are not part of a run's config.
 _NOT_SETTINGS = ("config", "print_config", "help")
@@ -189,53 +191,6 @@ def settings_from(parser, argv=None, isatty=None):
     return recipe, values, print_config
 
 
-# What TensorFlow's native code prints to stderr while it loads, before absl logging is set up (so
-# TF_CPP_MIN_LOG_LEVEL does not reach it): INFO/WARNING lines about CUDA probing, oneDNN and CPU features.
-_TF_LOAD_NOISE = re.compile(
-    r"^([IW]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog|"
-    r"To enable the following instructions: )"
-)
-
-
-@contextlib.contextmanager
-def _native_stderr_without(noise):
-    """Run the block with file descriptor 2 captured (native libraries write there, not to sys.stderr),
-    then pass on every line that ``noise`` does not match: errors and anything unexpected still show."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not noise.match(line)))
-            sys.stderr.flush()
-
-
-def _quiet_frameworks():
-    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's INFO and WARNING lines once it has loaded
-    # A run imports TensorFlow wherever it is installed (tf.data, TensorBoard): load it here, quietly.
-    if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is not None:
-        with _native_stderr_without(_TF_LOAD_NOISE):
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")  # where the CUDA probing prints
-
-
-def _quiet_absl():
-    try:
-        from absl import logging as absl_logging
-    except ImportError:
-        return
-    absl_logging.set_verbosity(absl_logging.ERROR)
-
-
 def main(argv=None):
     parser = build_parser()
     check_backend(parser)
@@ -252,11 +207,11 @@ def main(argv=None):
     if done is not None:
         print(resume.complete_line(done, resume.run_path(run)))
         return 0
-    _quiet_frameworks()
+    # A run imports TensorFlow wherever it is installed (tf.data, TensorBoard): loaded here, quietly.
+    quiet_frameworks(load_tensorflow=True)
     setup_logging()
     training = import_or_fail(parser, "keras_convmixer.training")  # Keras and its backend load here
     diverged = import_or_fail(parser, "keras_convmixer.callbacks").TrainingDiverged
-    _quiet_absl()
     with one_line_errors(parser):
         try:
             training.train(resolved)
