@@ -34,13 +34,13 @@ def list_images(paths):
     training scan's order: sorted, depth first, hidden entries skipped, each file once through links.
     """
     from keras_convmixer.data import IMAGE_EXTENSIONS
-    from keras_convmixer.data.folders import _walk_images
+    from keras_convmixer.data.folders import walk_images
 
     files = []
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
-            found, _ = _walk_images(path, set(), set())
+            found, _ = walk_images(path, set(), set())
             if not found:
                 raise FileNotFoundError(
                     f"Folder {path!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}), sub-folders included."
@@ -98,9 +98,9 @@ def predict(model_path, images, top_k=5, *, batch_size=DEFAULT_BATCH_SIZE, trust
 
 def _header_scan(files, audit):
     from keras_convmixer.data import MAX_PIXELS
-    from keras_convmixer.data.folders import _scan
+    from keras_convmixer.data.folders import scan_files
 
-    ok, _, failures = _scan(files, "header", MAX_PIXELS)
+    ok, _, failures = scan_files(files, "header", MAX_PIXELS)
     for path, reason in failures:
         audit.add(path, reason)
     if not ok.any():

@@ -97,7 +97,7 @@ def _check_folder(root: Path, what: str) -> Path:
     return root
 
 
-def _walk_images(top: str, seen_dirs: set, seen_files: set):
+def walk_images(top: str, seen_dirs: set, seen_files: set):
     """Image files under ``top`` in sorted depth-first order, and how many were reached twice.
 
     Links are followed once: a directory or file whose real path was already seen (a link loop,
@@ -159,7 +159,7 @@ def list_folder(root: Path, class_names: list[str] | None = None, what: str = "d
         class_dir = root / name
         if not class_dir.is_dir():
             continue
-        class_files, class_repeats = _walk_images(str(class_dir), seen_dirs, seen_files)
+        class_files, class_repeats = walk_images(str(class_dir), seen_dirs, seen_files)
         files += class_files
         labels += [label] * len(class_files)
         repeats += class_repeats
@@ -229,7 +229,7 @@ def _check_file(path: str, verify: str, max_pixels):
     return size
 
 
-def _scan(files: list[str], verify: str, max_pixels, root=None):
+def scan_files(files: list[str], verify: str, max_pixels, root=None):
     """Check the files; return ``(ok mask, decoded bytes per file or None, [(file, reason)])``.
 
     ``"header"`` reads each file's signature and size from its first bytes (for a JPEG, the
@@ -258,7 +258,7 @@ def folder_split(root: Path, class_names, verify: str, max_pixels, what: str = "
     """``(class_names, paths, labels, decoded bytes or None, failures)`` of the usable files under ``root``."""
     training_folder = class_names is None
     class_names, files, labels = list_folder(root, class_names, what)
-    ok, decoded, failures = _scan(files, verify, max_pixels, root)
+    ok, decoded, failures = scan_files(files, verify, max_pixels, root)
     report_skipped(root, failures, len(files))
     if not ok.any():
         raise ValueError(f"no decodable images in {root}: all {len(files)} image files failed to decode")
