@@ -77,7 +77,8 @@ class TrainingDiverged(RuntimeError):
 class FiniteGuard(keras.callbacks.Callback):
     """At each epoch's end, checks that the loss and every float weight are finite. When they are not
     it stops training and records the epoch; the backup and the checkpoints consult ``ok`` first,
-    so non-finite weights are never written (a resume then starts from the last finite epoch)."""
+    so non-finite weights are never written (a resume then starts from the last finite epoch).
+    ``diverged_epoch`` is a count for messages (1: the first epoch), not Keras's 0-based index."""
 
     def __init__(self):
         super().__init__()

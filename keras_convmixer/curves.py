@@ -9,11 +9,13 @@ from keras_convmixer.rundir import history_value
 
 
 def curves_figure(history_rows, lr_curve=None, title=None, note=None):
-    """A matplotlib figure of a run: loss, top-1, the learning rate and training images/s against epochs.
+    """A matplotlib figure of a run: loss, top-1, the learning rate and training images/s against the epoch
+    index, 0-based as history.csv, best.json and Keras's ``initial_epoch`` number epochs.
 
-    ``lr_curve`` is ``(t, lr)`` with ``t`` in fractional epochs, one point per optimizer step or a
-    sample of them (``schedules.learning_rate_curve``): drawn per step, a one-cycle shows its peak,
-    which the once-an-epoch ``lr`` column of the history misses. Without it that column is drawn."""
+    ``lr_curve`` is ``(t, lr)`` with ``t`` on that axis (the epoch index plus the fraction of it done), one
+    point per optimizer step or a sample of them (``schedules.learning_rate_curve``): drawn per step, a
+    one-cycle shows its peak, which the once-an-epoch ``lr`` column of the history misses. Without it that
+    column is drawn."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -30,12 +32,12 @@ def curves_figure(history_rows, lr_curve=None, title=None, note=None):
             if key == "lr" and lr_curve is not None:
                 ax.plot(*lr_curve, label="lr per step")
                 continue
-            points = [(int(r["epoch"]) + 1, history_value(r, key)) for r in history_rows]
+            points = [(int(r["epoch"]), history_value(r, key)) for r in history_rows]
             points = [(e, v) for e, v in points if v is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=key)
         ax.set_title(name)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (from 0, as history.csv)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if ax.lines:

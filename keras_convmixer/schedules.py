@@ -9,27 +9,41 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_convmixer.settings import LR_BREAKPOINTS as BREAKPOINTS
+
 
 @keras.saving.register_keras_serializable(package="keras_convmixer")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """``lr(t) = interp(t, [0, floor(2T/5), floor(4T/5), T], [0, peak, peak/20, 0])``.
+    """``lr(t) = interp(t, [0, t1, t2, T], [0, peak, peak/20, 0])``: a linear warm-up to ``peak`` at 2/5 of
+    the run, down to ``peak/20`` at 4/5 and to 0 at its end.
 
-    ``t`` is in fractional epochs, ``(step + 1) / steps_per_epoch``, and ``T`` is
-    ``total_steps / steps_per_epoch`` epochs; the floors are taken in epochs, as in the
-    official CIFAR script. With the default ``steps_per_epoch=1`` everything is in steps.
+    ``t`` is in fractional epochs, ``(step + 1) / steps_per_epoch`` (the official CIFAR script's
+    ``epoch + (i + 1) / len(loader)``), and ``T`` is ``total_steps / steps_per_epoch`` epochs.
+    ``breakpoints="steps"`` puts ``t1, t2`` on the optimizer steps nearest ``2T/5`` and ``4T/5``, so every run
+    of two steps or more reaches ``peak``. ``"official"`` floors them to whole epochs, ``floor(2T/5)`` and
+    ``floor(4T/5)``, as the official script does: the same schedule where ``T`` is a multiple of 5 (its
+    25 epochs), but one epoch then stays under ``peak/20`` and two start at ``peak`` with no warm-up.
+    With the default ``steps_per_epoch=1`` everything is in steps.
     """
 
-    def __init__(self, peak_lr, total_steps, steps_per_epoch=1, name="one_cycle"):
+    def __init__(self, peak_lr, total_steps, steps_per_epoch=1, breakpoints="steps", name="one_cycle"):
         if total_steps <= 0 or steps_per_epoch <= 0:
             raise ValueError(
                 f"OneCycle needs total_steps > 0 and steps_per_epoch > 0, got {total_steps}, {steps_per_epoch}."
             )
+        if breakpoints not in BREAKPOINTS:
+            raise ValueError(f"OneCycle breakpoints must be one of {', '.join(BREAKPOINTS)}, got {breakpoints!r}.")
         self.peak_lr = float(peak_lr)
         self.total_steps = int(total_steps)
         self.steps_per_epoch = int(steps_per_epoch)
+        self.breakpoints = breakpoints
         self.name = name
         epochs = self.total_steps / self.steps_per_epoch
-        self.knots = (0.0, float(int(2 * epochs / 5)), float(int(4 * epochs / 5)), epochs)
+        if breakpoints == "official":
+            inner = (float(int(2 * epochs / 5)), float(int(4 * epochs / 5)))
+        else:  # whole steps, so that a step lands on the peak itself
+            inner = tuple(round(f * self.total_steps / 5) / self.steps_per_epoch for f in (2, 4))
+        self.knots = (0.0, *inner, epochs)
 
     def __call__(self, step):
         t = (ops.cast(step, "float32") + 1.0) / self.steps_per_epoch
@@ -46,7 +60,11 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return dict(
-            peak_lr=self.peak_lr, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, name=self.name
+            peak_lr=self.peak_lr,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            breakpoints=self.breakpoints,
+            name=self.name,
         )
 
 
@@ -64,7 +82,8 @@ def cosine_with_warmup(peak_lr, total_steps, warmup_steps=0, final_fraction=0.0)
 
 
 def learning_rate_curve(schedule, total_steps, steps_per_epoch, max_points=2048):
-    """``(t, lr)``: the lr of optimizer steps across a run, ``t`` in fractional epochs after each step.
+    """``(t, lr)``: the lr of optimizer steps across a run, ``t`` on the axis of Keras's 0-based epoch index
+    (``history.csv``'s ``epoch``): step ``j`` of epoch ``i`` at ``i + j / steps_per_epoch``.
 
     Up to ``max_points`` evenly spread steps plus the last step of every epoch, where the one-cycle
     knots lie, so its peak is drawn at its true height.
@@ -84,4 +103,4 @@ def learning_rate_curve(schedule, total_steps, steps_per_epoch, max_points=2048)
             pass
     else:
         lr = np.array([float(ops.convert_to_numpy(schedule(int(s)))) for s in steps])
-    return (steps + 1) / steps_per_epoch, lr
+    return steps / steps_per_epoch, lr

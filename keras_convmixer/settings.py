@@ -13,13 +13,22 @@ import math
 from keras_convmixer.data.transforms import INTERPOLATIONS, TRAIN_INTERPOLATIONS
 from keras_convmixer.vocabulary import INITIALIZERS, RANDAUG_SCALES
 
-STRATEGIES = ("auto", "none", "mirrored", "multiworker", "tpu", "data-parallel")
+STRATEGIES = ("auto", "none", "mirrored", "tpu", "data-parallel")
 # The Keras backend each explicit strategy runs on.
-STRATEGY_BACKEND = {"mirrored": "tensorflow", "multiworker": "tensorflow", "tpu": "tensorflow", "data-parallel": "jax"}
+STRATEGY_BACKEND = {"mirrored": "tensorflow", "tpu": "tensorflow", "data-parallel": "jax"}
+# Choices refused with their reason, at argument time (before any framework loads), rather than as unknown.
+RETIRED = {
+    ("strategy", "multiworker"): "Keras 3 fit is broken under TensorFlow's MultiWorkerMirroredStrategy upstream "
+    "(keras-team/keras#20585); for several machines use KERAS_BACKEND=jax --strategy data-parallel with "
+    "--coordinator/--num-processes/--process-id",
+}
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 AUGMENT_IMPLS = ("convmixer", "keras_cv")
 AUGMENT_ON = ("host", "device")
 SCHEDULES = ("onecycle", "cosine")
+# Where the one-cycle's 2/5 and 4/5 breakpoints fall: on the nearest optimizer steps, or floored to whole
+# epochs as the official CIFAR script floors them (which a run whose epochs do not divide by 5 feels).
+LR_BREAKPOINTS = ("steps", "official")
 
 # A setting every recipe must give (the model, its data size and the optimisation budget): no one default fits.
 REQUIRED = object()
@@ -54,8 +63,16 @@ def split(text):
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def strategy(text):
+    """A ``--strategy`` name; a retired one is refused with its reason, not as an unknown choice."""
+    reason = RETIRED.get(("strategy", text))
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text} is not available: {reason}")
+    return text
+
+
 # How a type reads from the command line (bool is an on/off flag pair).
-PARSERS = {"int": int, "float": float, "str": str, "pair": pair, "triple": triple, "split": split}
+PARSERS = {"int": int, "float": float, "str": str, "pair": pair, "triple": triple, "split": split, "strategy": strategy}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +202,20 @@ SETTINGS = (
     _s(
         "schedule",
         _OPT,
-        "onecycle: the paper's triangular schedule, per step; cosine: cosine decay after --warmup-epochs",
+        "onecycle: the paper's triangular schedule, set every step: linear warm-up from 0 to --lr at 2/5 of "
+        "the run, down to --lr/20 at 4/5, to 0 at the end; cosine: cosine decay to 0 after --warmup-epochs",
         "onecycle",
         choices=SCHEDULES,
+    ),
+    _s(
+        "lr_breakpoints",
+        _OPT,
+        "where --schedule onecycle's 2/5 and 4/5 fall: steps: on the nearest optimizer steps, so any run "
+        "reaches --lr; official: floored to whole epochs, as the official CIFAR script (np.interp over "
+        "[0, epochs*2//5, epochs*4//5, epochs]): the same schedule when --epochs is a multiple of 5, but "
+        "1 epoch then stays under --lr/20 and 2 start at --lr with no warm-up",
+        "steps",
+        choices=LR_BREAKPOINTS,
     ),
     _s("warmup_epochs", _OPT, "linear warm-up of --schedule cosine", 0, "float", range=NON_NEGATIVE),
     _s("wd_exclude_bias_bn", _OPT, "no weight decay on biases and BatchNorm parameters", True, "bool"),
@@ -251,6 +279,7 @@ SETTINGS = (
         _SCALE,
         "auto: mirrored on several TensorFlow GPUs, data-parallel on several JAX devices, else none",
         "auto",
+        "strategy",
         choices=STRATEGIES,
     ),
     _s(
@@ -312,6 +341,9 @@ def check_value(setting, value):
     if value is None:
         return
     flag = setting.flag
+    reason = RETIRED.get((setting.name, value)) if isinstance(value, str) else None
+    if reason:
+        raise ValueError(f"{flag} {value} is not available: {reason}.")
     if setting.range is not None:
         lo, hi, lo_in, hi_in = setting.range
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -323,7 +355,7 @@ def check_value(setting, value):
             raise ValueError(f"{flag} {value} is out of range: it must be in {_bounds(*setting.range)}.")
     if setting.type == "bool" and not isinstance(value, bool):
         raise ValueError(f"{flag} must be true or false, got {value!r}.")
-    if setting.choices is not None and setting.type == "str" and value not in setting.choices:
+    if setting.choices is not None and isinstance(setting.choices[0], str) and value not in setting.choices:
         raise ValueError(f"{flag} must be one of {', '.join(setting.choices)}, got {value!r}.")
 
 

@@ -1,12 +1,21 @@
 """The training callbacks on small real ``fit`` runs (RunCheckpoint runs end to end in test_training/test_rundir)."""
 
+import csv
+import json
 import math
 
 import keras
 import numpy as np
 import pytest
 
-from keras_convmixer.callbacks import FiniteGuard, LearningRateLogger, ThroughputLogger, UnreadableFilesLogger
+from keras_convmixer import curves, rundir
+from keras_convmixer.callbacks import (
+    FiniteGuard,
+    LearningRateLogger,
+    RunCheckpoint,
+    ThroughputLogger,
+    UnreadableFilesLogger,
+)
 from keras_convmixer.data import DecodeAudit
 from keras_convmixer.schedules import OneCycle
 from tests.test_schedules import reference_one_cycle
@@ -19,7 +28,7 @@ def _dense(optimizer="sgd"):
 
 
 def test_lr_logger_puts_lr_into_epoch_logs():
-    schedule = OneCycle(0.1, 10, steps_per_epoch=5)
+    schedule = OneCycle(0.1, 10, steps_per_epoch=5, breakpoints="official")
     model = _dense(keras.optimizers.SGD(learning_rate=schedule))
     history = model.fit(
         np.ones((10, 2)), np.ones((10, 1)), batch_size=2, epochs=2, verbose=0, callbacks=[LearningRateLogger()]
@@ -75,3 +84,44 @@ def test_unreadable_files_are_named_once_each():
     assert lines[0] == "Left out 1 unreadable image file: /d/a.jpg: truncated"
     assert len(lines) == 2 and lines[1].startswith("Left out 7 unreadable image files: /d/b0.jpg: not an image; ")
     assert lines[1].endswith("and 2 more (all in metrics.json)") and "/d/a.jpg" not in lines[1]
+
+
+def _checkpointed_fit(run_dir, epochs=5):
+    """A small classifier fitted with RunCheckpoint into ``run_dir``; returns Keras's History."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.integers(0, 3, 64)
+    classifier = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    top1 = keras.metrics.SparseCategoricalAccuracy(name="top1")
+    classifier.compile(
+        keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[top1]
+    )
+    run = rundir.RunDir(run_dir).create()
+    check = RunCheckpoint(classifier, run, "val_top1")
+    return classifier.fit(
+        x[:48], y[:48], validation_data=(x[48:], y[48:]), epochs=epochs, batch_size=16, verbose=0, callbacks=[check]
+    )
+
+
+def _history_csv(run_dir):
+    with open(run_dir / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_history_csv_and_the_curves_number_epochs_as_keras_does(tmp_path):
+    history = _checkpointed_fit(tmp_path / "run")
+    table = _history_csv(tmp_path / "run")
+    assert [int(r["epoch"]) for r in table] == history.epoch == [0, 1, 2, 3, 4]
+    figure = curves.curves_figure(table)
+    (loss, _) = next(ax for ax in figure.axes if ax.get_title() == "loss").lines
+    assert list(loss.get_xdata()) == history.epoch
+
+
+@pytest.mark.xfail(
+    strict=True, reason="rundir.best_of (not this helper's file) writes the epoch + 1: the lead changes that line"
+)
+def test_best_json_names_the_history_row_of_the_best_score(tmp_path):
+    _checkpointed_fit(tmp_path / "run")
+    scores = [float(r["val_top1"]) for r in _history_csv(tmp_path / "run")]
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["monitor"] == "val_top1" and best["value"] == pytest.approx(max(scores))
+    assert best["epoch"] == scores.index(max(scores))  # the first epoch with the best score, 0-based

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from keras_convmixer import recipes
-from keras_convmixer.config import Config, RunRecord, run_json, view, weights_spec
+from keras_convmixer import recipes, settings
+from keras_convmixer.config import DERIVED_KEYS, Config, RunRecord, run_json, view, weights_spec
 
 
 def _config(**overrides):
@@ -54,3 +54,57 @@ def test_config_json_is_the_settings_with_the_run_record_beside_them():
     assert loaded["weights"] == record.weights and weights_spec(loaded["weights"]) == "some/run.keras"
     json.dumps(loaded)
     assert config.weights == "some/run.keras"  # the setting keeps its type
+
+
+# ----------------------------------------------------------------------------- the settings round trip
+
+# Every setting away from the demo recipe's value (but the few that other settings pin), as a user types them.
+EVERY_SETTING = (
+    "--recipe cifar10 --output-dir runs/x --model custom --dim 16 --depth 2 --kernel-size 7 --patch-size 4 "
+    "--activation relu --dropout 0.25 --initializer keras --weights some/run.keras --freeze-backbone "
+    "--data digits --data-dir tfds --download --val-split 300 --val-source test --split-seed 3 --in-memory "
+    "--augment-on device --image-size 24 --crop-pct 0.875 --interpolation bicubic --mean 0.5,0.4,0.3 "
+    "--std 0.2,0.25,0.3 --epochs 3 --batch-size 16 --lr 0.003 --weight-decay 0.01 --epsilon 1e-6 "
+    "--clip-norm 2 --schedule cosine --lr-breakpoints official --warmup-epochs 0.5 --wd-exclude-bias-bn "
+    "--precision mixed_bfloat16 --seed 7 --crop-scale 0.3,0.9 --crop-ratio 0.5,2 --train-interpolation bicubic "
+    "--hflip 0.25 --randaug-n 1 --randaug-m 5 --randaug-mstd 0.5 --randaug-scale timm --color-jitter 0.4 "
+    "--reprob 0.1 --mixup 0.2 --cutmix 0.3 --mix-prob 0.5 --switch-prob 0.25 --smoothing 0.05 --strategy none "
+    "--logical-cpus 2 --coordinator host:1234 --steps-per-epoch 5 --val-steps 2 --verbose 1"
+).split()
+# Pinned: keras_cv needs --augment-on host (--in-memory needs device); several processes need JAX;
+# --freeze-backbone refuses a --backbone-lr-scale.
+PINNED = {"augment_impl", "num_processes", "process_id", "backbone_lr_scale"}
+
+
+def _printed(capsys, argv):
+    from keras_convmixer.cli.train import main  # Keras-free: --print-config loads no framework
+
+    assert main([*argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _settings(resolved):
+    return {k: v for k, v in resolved.items() if k in settings.BY_NAME or k in DERIVED_KEYS}
+
+
+def test_every_setting_survives_print_config_then_config(tmp_path, capsys):
+    printed = _printed(capsys, EVERY_SETTING)
+    cifar10 = recipes.resolve_config("cifar10", {"output_dir": "out"})
+    same = sorted(k for k in settings.BY_NAME if printed[k] == cifar10[k] and k not in PINNED)
+    assert same == [], "settings the test leaves at the recipe's value: " + ", ".join(same)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(printed))
+    assert _printed(capsys, ["--config", str(path)]) == printed
+
+
+def test_a_run_dirs_config_json_reads_back_as_the_settings_of_its_run(tmp_path, capsys):
+    # config.json as a run writes it (run_json), with everything the run recorded beside its settings.
+    printed = _printed(capsys, EVERY_SETTING)
+    record = RunRecord(backend="jax", strategy_used="none", precision_used="mixed_bfloat16", num_classes=10)
+    record.class_names = [str(i) for i in range(10)]
+    record.weights = {"source": "some/run.keras", "sha256": "ab" * 32, "head_loaded": True}
+    saved = run_json(Config(printed), record)
+    assert saved["weights"] != printed["weights"] and set(saved) > set(printed)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    assert _settings(_printed(capsys, ["--config", str(path)])) == _settings(printed)

@@ -1,7 +1,11 @@
 """The settings table: every setting declared once, and what is derived from it."""
 
 import argparse
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +67,41 @@ def test_the_command_line_types():
     ]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+# Runs the command line's main on argv, then reports its exit code and which frameworks it imported.
+_PROBE = """
+import json, sys
+from keras_convmixer.cli.train import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"keras", "tensorflow", "jax", "torch"})
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def _probe(tmp_path, *argv):
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_ENV
+    )
+    return json.loads(proc.stdout.splitlines()[-1]), proc.stderr.strip().splitlines()
+
+
+_ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+
+
+def test_multiworker_is_refused_with_its_reason_before_any_framework_loads(tmp_path):
+    assert "multiworker" not in settings.STRATEGIES and "multiworker" not in settings.STRATEGY_BACKEND
+    with pytest.raises(ValueError, match=r"^--strategy multiworker is not available: Keras 3 fit is broken"):
+        settings.check_value(settings.BY_NAME["strategy"], "multiworker")
+    (tmp_path / "c.yaml").write_text("strategy: multiworker\n")
+    for argv in (["--strategy", "multiworker"], ["--config", "c.yaml"]):
+        result, err = _probe(tmp_path, *argv, "--output-dir", "run")
+        assert result == {"code": 2, "heavy": []}
+        assert len(err) == 1 and "multiworker is not available: Keras 3 fit is broken" in err[0], err
+        assert "data-parallel" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "run").exists()
+    for name in ("auto", "none", "mirrored", "tpu", "data-parallel"):
+        assert settings.strategy(name) == name
