@@ -5,7 +5,8 @@ Examples:
   convmixer-train --recipe cifar10 --data folder:/data/cifar10/train --val-split 5000
   convmixer-train --config my-run.yaml --epochs 5   # the file's settings, but 5 epochs
   KERAS_BACKEND=jax convmixer-train --recipe cifar10 --data folder:/data/c10 --in-memory --augment-on device
-Choose the backend with KERAS_BACKEND. Re-running with the same --output-dir resumes after a kill.
+Choose the backend with KERAS_BACKEND. Re-running with the same --output-dir resumes after a kill (a finished
+run says it is complete).
 The run directory gets config.json (the resolved settings: the record of the run), history.csv,
 best.keras, last.keras, metrics.json, curves.png and TensorBoard logs.
 """
