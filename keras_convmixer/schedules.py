@@ -67,6 +67,11 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
             name=self.name,
         )
 
+    @classmethod
+    def from_config(cls, config):
+        # Saved before the breakpoints were a choice: that schedule floored them to whole epochs.
+        return cls(**{"breakpoints": "official", **config})
+
 
 def cosine_with_warmup(peak_lr, total_steps, warmup_steps=0, final_fraction=0.0):
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine decay to

@@ -80,6 +80,9 @@ def test_one_cycle_serializes_and_saves_with_the_optimizer(tmp_path):
     clone = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
     assert isinstance(clone, OneCycle)
     assert clone.get_config() == schedule.get_config()
+    # A schedule saved before the breakpoints were a setting is the official one it was.
+    old = {k: v for k, v in schedule.get_config().items() if k != "breakpoints"}
+    assert OneCycle.from_config(old).breakpoints == "official"
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(keras.optimizers.AdamW(learning_rate=schedule), "mse")
