@@ -108,12 +108,13 @@ class RunCheckpoint(keras.callbacks.Callback):
     """Saves each finished epoch into the run directory, in an order that survives a kill anywhere:
     ``last.keras``, ``best.keras`` when ``monitor`` improves, the backup checkpoint, and last the
     history row that commits the epoch. On ``train_begin`` it resumes from the last committed epoch.
-    The classifier is saved bare (not a training wrapper). With a ``guard``, an epoch whose
-    weights are not finite is not saved at all."""
+    The classifier is saved bare (not a training wrapper), with ``entries`` (``{name: text}``, the eval
+    preset) inside each ``.keras``. With a ``guard``, an epoch whose weights are not finite is not saved."""
 
-    def __init__(self, classifier, run, monitor="val_top1", guard=None):
+    def __init__(self, classifier, run, monitor="val_top1", guard=None, entries=None):
         super().__init__()
         self.classifier, self.run, self.monitor, self.guard = classifier, run, monitor, guard
+        self.entries = entries
         self.rows = []
 
     def on_train_begin(self, logs=None):
@@ -130,10 +131,10 @@ class RunCheckpoint(keras.callbacks.Callback):
         row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
         monitor = self.monitor if self.monitor in row else "top1"
         best = rundir.best_of(self.rows, monitor)
-        atomic.save_model(self.classifier, self.run / rundir.LAST_MODEL)
+        atomic.save_model(self.classifier, self.run / rundir.LAST_MODEL, self.entries)
         value = row.get(monitor)
         if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
-            atomic.save_model(self.classifier, self.run / rundir.BEST_MODEL)
+            atomic.save_model(self.classifier, self.run / rundir.BEST_MODEL, self.entries)
         self.rows = [*self.rows, row]
         self.run.commit_epoch(self.model, self.rows, monitor)
 
@@ -150,16 +151,17 @@ def tensorboard_logs(run_dir, log=print):
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "tensorboard"))]
 
 
-def for_run(classifier, run, *, batch_size, unreadable, validated, guard):
+def for_run(classifier, run, *, batch_size, unreadable, validated, guard, entries=None):
     """The callbacks of a training run, in the order they must run: the loggers put their figures into the
     logs before ``guard`` checks the epoch, and the checkpoint (which records the logs in history.csv and
-    saves nothing once ``guard`` has tripped) comes after both."""
+    saves nothing once ``guard`` has tripped) comes after both. ``guard`` checks the loss and the weights once
+    per epoch, so keras.callbacks.TerminateOnNaN is not added: its per-batch hook would turn every step's logs
+    into Python numbers (a host sync per step) to find what the guard finds at the epoch's end."""
     return [
         LearningRateLogger(),
         ThroughputLogger(int(batch_size)),
-        keras.callbacks.TerminateOnNaN(),
         guard,
         UnreadableFilesLogger(unreadable),
-        RunCheckpoint(classifier, run, "val_top1" if validated else "top1", guard),
+        RunCheckpoint(classifier, run, "val_top1" if validated else "top1", guard, entries),
         *tensorboard_logs(run.path),
     ]
