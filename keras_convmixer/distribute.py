@@ -89,14 +89,6 @@ def make_strategy(cfg):
         gpus = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
-    elif name == "multiworker":
-        # Keras 3 fit fails under MultiWorkerMirroredStrategy inside Keras's private TensorFlow trainer,
-        # which we do not patch.
-        raise ValueError(
-            "--strategy multiworker: Keras 3 fit is broken under MultiWorkerMirroredStrategy "
-            "upstream (keras-team/keras#20585); use KERAS_BACKEND=jax --strategy data-parallel "
-            "with --num-processes/--process-id/--coordinator for multi-machine training."
-        )
     else:  # tpu
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
