@@ -3,6 +3,8 @@
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -186,3 +188,17 @@ def test_setup_logging_keeps_records_reaching_a_root_handler(package_logger, cap
     with caplog.at_level(logging.INFO):
         logging.getLogger("keras_convmixer.prediction").info("hello")
     assert [r.getMessage() for r in caplog.records] == ["hello"]
+
+
+def test_tensorflow_loads_without_its_native_noise_once_quieted(tmp_path):
+    pytest.importorskip("tensorflow")
+    # Imported after quiet_frameworks(), as a command's tf.data or SavedModel import would: nothing reaches stderr
+    # (a bare import prints oneDNN, CUDA-probe and absl lines there, and a cuInit error on a machine with no GPU).
+    code = (
+        "from keras_convmixer.cli.common import quiet_frameworks; quiet_frameworks(); "
+        "import tensorflow as tf; tf.constant(1.0) + 1; print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert proc.stderr == ""

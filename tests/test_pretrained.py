@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -241,7 +242,7 @@ def test_checksum_mismatch_is_one_line_and_the_file_is_not_kept(online, homes, c
 def test_offline_without_cache_is_one_line_naming_repo_file_and_where(monkeypatch, hub, tmp_path):
     point_hub_at(monkeypatch, hub.url, tmp_path / "hf", tmp_path / "keras", offline=True)
     before = len(hub.requests)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(OSError) as err:  # what keras.utils.get_file raises for a file it cannot fetch
         kc.ConvMixer768_32(weights="imagenet")
     message = str(err.value)
     assert "\n" not in message
@@ -249,6 +250,23 @@ def test_offline_without_cache_is_one_line_naming_repo_file_and_where(monkeypatc
     assert f"{hub.url}/{RELEASED_REPO}/resolve/main/model.safetensors" in message
     assert "weights='/path/to/model.safetensors'" in message
     assert not [path for _, path in hub.requests[before:] if "/resolve/" in path]
+
+
+def test_no_network_fails_within_2_seconds_in_one_line(monkeypatch, tmp_path, capfd):
+    dead = HubServer()  # a port on 127.0.0.1 that refuses connections once the server is gone
+    dead.stop()
+    point_hub_at(monkeypatch, dead.url, tmp_path / "hf", tmp_path / "keras")
+    kc.ConvMixer(**TINY, classes=TINY_CLASSES)  # Keras loaded, so only the weights are timed
+    capfd.readouterr()
+    start = time.monotonic()
+    with pytest.raises(OSError) as err:
+        kc.ConvMixer768_32(weights="imagenet")
+    elapsed = time.monotonic() - start
+    message = str(err.value)
+    assert elapsed < 2.0, f"took {elapsed:.1f} s"
+    assert "\n" not in message and "Connection refused" in message and "not cached" in message
+    assert f"{dead.url}/{RELEASED_REPO}/resolve/main/model.safetensors" in message
+    assert "Retrying" not in capfd.readouterr().err  # huggingface_hub never got to retry
 
 
 def test_other_hub_repo_matches_timm(online, checkpoints):
