@@ -28,6 +28,7 @@ _EXPORTS = {
     "list_models": "presets",
     "ConvMixer": "models",
     "get_model": "models",
+    "preprocess_input": "models",
     **{_public_name(key): "models" for key in _MODEL_CONFIGS},
     "ConvMixerBlock": "layers",
     "PatchEmbed": "layers",

@@ -10,6 +10,7 @@ import os
 import re
 
 import keras
+import numpy as np
 from keras import layers
 
 from keras_convmixer import model_docs, presets, pretrained, structure, vocabulary
@@ -359,9 +360,33 @@ for _key, _builder in BUILDERS.items():
 __all__ = ["BUILDERS", "ConvMixer", *(builder.__name__ for builder in BUILDERS.values()), "get_model"]
 
 
-def get_model(name, **kwargs):
+def get_model(name, pretrained=None, num_classes=None, **kwargs):
     """Build a registered variant by name, e.g. ``get_model("convmixer_256_8", classes=4)``.
 
-    ``name`` is a registry key, a builder name or timm's name; ``kwargs`` are the builder's.
+    ``name`` is a registry key, a builder name or timm's name; ``kwargs`` are the builder's. timm's spellings are
+    taken too: ``pretrained=True`` is ``weights="imagenet"`` and ``num_classes=N`` is ``classes=N``.
     """
+    for timm_name, value, ours, meant in (
+        ("pretrained", pretrained, "weights", "imagenet" if pretrained else None),
+        ("num_classes", num_classes, "classes", num_classes),
+    ):
+        if value is None:
+            continue
+        if ours in kwargs:
+            raise ValueError(f"get_model got both {timm_name}= (timm's spelling) and {ours}=: pass one of them.")
+        kwargs[ours] = meant
     return BUILDERS[presets.canonical_name(name)](**kwargs)
+
+
+def preprocess_input(x, variant=None):
+    """Raw RGB pixels in [0, 255] -> what a model built with ``include_preprocessing=False`` expects:
+    ``(x / 255 - mean) / std`` with ``variant``'s mean/std (ImageNet's for None or an unnamed shape, CIFAR-10's
+    for the CIFAR variants), channels last. A NumPy array (or list) gives float32 NumPy, a tensor a tensor."""
+    preset = presets.eval_transform(variant)
+    if isinstance(x, (list, tuple, np.ndarray)):
+        x = np.asarray(x, "float32")
+        return ((x / 255.0 - np.asarray(preset["mean"], "float32")) / np.asarray(preset["std"], "float32")).astype(
+            "float32"
+        )
+    x = keras.ops.cast(x, "float32")
+    return (x / 255.0 - keras.ops.convert_to_tensor(preset["mean"])) / keras.ops.convert_to_tensor(preset["std"])

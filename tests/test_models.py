@@ -388,3 +388,37 @@ def test_keras_file_with_our_layers_loads(tmp_path, program):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_preprocess_input_matches_numpy_with_literal_stats():
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    imagenet = (pixels / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    cifar = (pixels / 255.0 - np.array([0.4914, 0.4822, 0.4465])) / np.array([0.2471, 0.2435, 0.2616])
+    out = kc.preprocess_input(pixels, "convmixer_768_32")
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, imagenet, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kc.preprocess_input(pixels), imagenet, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(kc.preprocess_input(pixels, "ConvMixer256_8")), cifar, rtol=1e-5, atol=1e-5)
+    tensor = kc.preprocess_input(keras.ops.convert_to_tensor(pixels), "convmixer_256_8")
+    np.testing.assert_allclose(to_numpy(tensor), cifar, rtol=1e-5, atol=1e-5)
+    # The model without preprocessing, fed preprocess_input's output, gives the model with it.
+    with_pre = kc.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, classes=3, input_shape=(4, 4, 3))
+    without = kc.ConvMixer(
+        dim=8, depth=1, kernel_size=3, patch_size=2, classes=3, input_shape=(4, 4, 3), include_preprocessing=False
+    )
+    without.set_weights(with_pre.get_weights()[-len(without.get_weights()) :])
+    np.testing.assert_allclose(
+        to_numpy(without(kc.preprocess_input(pixels))), to_numpy(with_pre(pixels)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_get_model_takes_timms_spellings():
+    model = kc.get_model("convmixer_256_8", num_classes=7, classifier_activation=None)
+    assert model.output.shape[-1] == 7
+    with pytest.raises(ValueError, match=r"both num_classes= \(timm's spelling\) and classes="):
+        kc.get_model("convmixer_256_8", num_classes=7, classes=7)
+    with pytest.raises(ValueError, match=r"both pretrained= \(timm's spelling\) and weights="):
+        kc.get_model("convmixer_768_32", pretrained=True, weights=None)
+    # pretrained=True asks for the released weights: for a variant without any, the builder's own one-line refusal.
+    with pytest.raises(ValueError, match="imagenet"):
+        kc.get_model("convmixer_256_8", pretrained=True)
