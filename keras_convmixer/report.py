@@ -43,16 +43,16 @@ def banner(config, record, info, replicas, loaded, run_dir):
     )
 
 
-def diverged(guard, run):
+def diverged(guard, run, epochs):
     """The error a diverged run ends with: where it diverged and which checkpoint is left."""
     last = run / rundir.LAST_MODEL
     kept = (
-        f"the last finite checkpoint is {last} (epoch {guard.diverged_epoch - 1})"
+        f"the last finite checkpoint is {last} (after {count(guard.diverged_epoch - 1, 'epoch')})"
         if guard.diverged_epoch > 1 and os.path.exists(last)
         else "no checkpoint was written"
     )
     return callbacks.TrainingDiverged(
-        f"training diverged at epoch {guard.diverged_epoch}: the loss or weights became non-finite (lower "
+        f"training diverged in epoch {guard.diverged_epoch} of {epochs}: the loss or weights became non-finite (lower "
         f"--lr, or set --clip-norm); nothing from that epoch was saved, {kept}."
     )
 

@@ -36,6 +36,9 @@ def reconcile(config, saved, run_dir, backend, starting):
             config = config.replace(**{key: saved[key] for key in followed})
         if not starting and isinstance(saved.get("weights"), dict):
             record = dict(saved["weights"])
+    if "lr_breakpoints" not in saved:
+        # Begun before the setting existed, on the official whole-epoch breakpoints: it continues on them.
+        config = config.replace(lr_breakpoints="official")
     recorded = dict(saved, weights=weights_spec(saved.get("weights")))
     rundir.check_resumable(recorded, dict(config.as_dict(), backend=backend), RESUME_MAY_CHANGE, run_dir)
     return config, record

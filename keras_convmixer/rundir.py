@@ -98,7 +98,11 @@ def best_of(rows, monitor):
     for row in rows:
         value = history_value(row, monitor)
         if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
-            best = {"monitor": monitor, "value": value, "epoch": int(row["epoch"]) + 1}
+            best = {
+                "monitor": monitor,
+                "value": value,
+                "epoch": int(row["epoch"]),
+            }  # history.csv's 0-based index, as Keras numbers epochs
     return best
 
 
@@ -328,7 +332,7 @@ class RunDir:
             epochs -= 1
         if epochs < len(rows):
             log(
-                f"Resuming from epoch {epochs} of {len(rows)} recorded: the history after it is dropped "
+                f"Resuming after {epochs} of the {len(rows)} recorded epochs: the history after them is dropped "
                 "and those epochs are trained again."
             )
             write_text(self / HISTORY, history_csv(rows[:epochs]))

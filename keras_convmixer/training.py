@@ -15,8 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_convmixer import artifacts, callbacks, data, distribute, report, resume, rundir
 from keras_convmixer import augment as aug
-from keras_convmixer import callbacks, data, distribute, report, resume, rundir
 from keras_convmixer.config import Config, RunRecord, run_json, view
 from keras_convmixer.data.in_memory import batch_stream
 from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone
@@ -231,7 +231,7 @@ def _optimizer(config, total_steps, steps_per_epoch):
     """``(optimizer, schedule)``: AdamW (grouped where the backbone steps with a lower lr) on the schedule."""
     lr = float(config.lr)
     if config.schedule == "onecycle":
-        schedule = OneCycle(lr, total_steps, steps_per_epoch=steps_per_epoch)
+        schedule = OneCycle(lr, total_steps, steps_per_epoch=steps_per_epoch, breakpoints=config.lr_breakpoints)
     else:
         schedule = cosine_with_warmup(lr, total_steps, int(config.warmup_epochs * steps_per_epoch))
     adamw = dict(
@@ -348,9 +348,10 @@ def _run(plan, run, t_start):
         unreadable=info["unreadable"],
         validated=val_data is not None,
         guard=guard,
+        entries=artifacts.preset_entries(view(config, record)),  # a copied best.keras predicts as the run
     )
     print(report.banner(config, record, info, plan.replicas, plan.starting, run.path))
     _fit(model, train_data, val_data, config, hooks, fit_kwargs)
     if not guard.ok:
-        raise report.diverged(guard, run)
+        raise report.diverged(guard, run, int(config.epochs))
     return report.finish(config, record, run, (classifier, model, schedule, plan.total_steps), info, t_start)

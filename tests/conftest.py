@@ -16,6 +16,7 @@ BACKEND_FREE = {
     "test_data_transforms.py",
     "test_gpu_cifar.py",
     "test_imagenet.py",
+    "test_resume.py",
     "test_settings.py",
     "test_structure.py",
 }

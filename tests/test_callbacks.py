@@ -116,9 +116,6 @@ def test_history_csv_and_the_curves_number_epochs_as_keras_does(tmp_path):
     assert list(loss.get_xdata()) == history.epoch
 
 
-@pytest.mark.xfail(
-    strict=True, reason="rundir.best_of (not this helper's file) writes the epoch + 1: the lead changes that line"
-)
 def test_best_json_names_the_history_row_of_the_best_score(tmp_path):
     _checkpointed_fit(tmp_path / "run")
     scores = [float(r["val_top1"]) for r in _history_csv(tmp_path / "run")]

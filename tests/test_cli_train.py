@@ -215,7 +215,7 @@ def test_divergence_saves_nothing_non_finite_and_exits_1(tmp_path, capsys):
         main(argv)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert "diverged at epoch" in err[-1] and "Traceback" not in "\n".join(err)
+    assert "diverged in epoch" in err[-1] and "Traceback" not in "\n".join(err)
     for name in ("last.keras", "best.keras"):
         if (run / name).exists():
             weights = keras.saving.load_model(run / name, compile=False).get_weights()
@@ -312,12 +312,12 @@ def test_a_run_that_fails_in_its_first_epoch_takes_away_only_what_it_made(tmp_pa
     diverging = [*TINY_FLAGS, "--epochs", "2", "--steps-per-epoch", "2", "--precision", "float32", "--lr", "1e30"]
     diverging += ["--clip-norm", "0"]
     err = _one_line_exit([*diverging, "--output-dir", str(tmp_path / "new" / "run")], capsys, code=1)
-    assert "diverged at epoch 1" in err
+    assert "diverged in epoch 1 of" in err
     assert os.listdir(tmp_path) == []  # the run dir and the parent made for it
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    assert "diverged at epoch 1" in _one_line_exit([*diverging, "--output-dir", str(mine)], capsys, code=1)
+    assert "diverged in epoch 1 of" in _one_line_exit([*diverging, "--output-dir", str(mine)], capsys, code=1)
     assert os.listdir(mine) == ["notes.txt"]
 
 

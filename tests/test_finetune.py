@@ -198,7 +198,7 @@ def test_freeze_backbone_trains_only_the_new_head_and_resume_keeps_the_run(sourc
     for name, value in _backbone(src).items():
         np.testing.assert_array_equal(_backbone(_load(out / "last.keras"))[name], value, err_msg=name)
     # Other weights are another run, refused in one line naming the setting.
-    with pytest.raises(ValueError, match=r"other settings \(weights: ") as excinfo:
+    with pytest.raises(ValueError, match=r"other settings \(--weights ") as excinfo:
         _train(out, epochs=1, **dict(settings, weights=str(source)))
     assert "\n" not in str(excinfo.value)
 

@@ -140,11 +140,6 @@ def test_learning_rate_curve_of_a_schedule_that_branches():
     np.testing.assert_allclose(lr, cosine_reference(steps, 0.1, total, warmup), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training._optimizer (not this helper's file) builds OneCycle without config.lr_breakpoints: "
-    "the lead passes breakpoints=config.lr_breakpoints there",
-)
 def test_a_run_steps_its_lr_on_the_breakpoints_its_settings_name():
     from keras_convmixer import recipes, training
     from keras_convmixer.config import Config

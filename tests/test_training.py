@@ -3,6 +3,7 @@ the TensorFlow-free path, and resuming after a real SIGKILL."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def test_demo_run_writes_every_artefact(tmp_path):
     ):
         assert key in saved, key
     assert saved["model"] == "custom" and saved["num_classes"] == 10 and saved["data"] == "digits"
+    # best.keras copied away from its run dir still carries the run's eval transform and class names.
+    from keras_convmixer.artifacts import open_model
+
+    alone = tmp_path / "alone.keras"
+    shutil.copy(run / "best.keras", alone)
+    carried = open_model(alone).config
+    for key in ("image_size", "crop_pct", "interpolation", "class_names", "num_classes"):
+        assert carried[key] == saved[key], key
 
     history = rows(run / "history.csv")
     assert [int(r["epoch"]) for r in history] == [0, 1]
