@@ -253,6 +253,9 @@ def run_ours(seed, cfg, backend, extra, out_dir, log=print):
         str(cfg["ra_m"]),
         "--precision",
         "float32",
+        # The torch side is the official script: its whole-epoch breakpoints, at any epoch count.
+        "--lr-breakpoints",
+        "official",
         "--seed",
         str(seed),
         "--output-dir",
