@@ -110,7 +110,7 @@ def test_confusion_png(tmp_path, classes):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(split="test"), "split must be 'train' or 'val'"),
+        (dict(split="test"), "split must be 'train', 'val' or 'all'"),
         (dict(batch_size=0), "batch_size must be"),
         (dict(batch_size=2.5), "batch_size must be"),
     ],
