@@ -227,7 +227,7 @@ def load_in_memory(
         raise ValueError("load_in_memory reads 'digits' and 'folder:<path>' sources; tfds: needs make_dataset")
     if kind == "digits":
         if val_source is not None:
-            raise ValueError("the digits source has no separate validation source; use val_split")
+            raise ValueError("the digits source has no separate validation source; use val_split (--val-split)")
         images, labels = digits_arrays()
         images = np.stack([resize_crop_uint8(im, image_size, 1.0, interpolation) for im in images])
         class_names, failures, where = [str(i) for i in range(10)], {}, None

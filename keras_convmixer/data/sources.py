@@ -125,13 +125,15 @@ def stratified_split(labels, val_split, seed: int = 0) -> tuple[np.ndarray, np.n
     labels = np.asarray(labels)
     n = len(labels)
     if isinstance(val_split, bool) or not isinstance(val_split, (int, float, np.integer, np.floating)):
-        raise ValueError(f"val_split must be a fraction in [0, 1) or a count, got {val_split!r}")
+        raise ValueError(f"val_split (--val-split) must be a fraction in [0, 1) or a count, got {val_split!r}")
     if 0 <= val_split < 1:
         target = int(round(float(val_split) * n))
     elif float(val_split).is_integer() and 1 <= val_split < n:
         target = int(val_split)
     else:
-        raise ValueError(f"val_split must be a fraction in [0, 1) or a count below {n} images, got {val_split!r}")
+        raise ValueError(
+            f"val_split (--val-split) must be a fraction in [0, 1) or a count below {n} images, got {val_split!r}"
+        )
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts * (target / n)
     take = np.floor(quota).astype(int)
@@ -247,7 +249,7 @@ def load_source(
     if kind == "digits":
         images, labels = digits_arrays()
         if val_source is not None:
-            raise ValueError("the digits source has no separate validation source; use val_split")
+            raise ValueError("the digits source has no separate validation source; use val_split (--val-split)")
         train_idx, val_idx = stratified_split(labels, val_split, seed)
         val = _array_split(images[val_idx], labels[val_idx]) if len(val_idx) else None
         return Source("digits", [str(i) for i in range(10)], _array_split(images[train_idx], labels[train_idx]), val)
