@@ -31,12 +31,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 # Files marked backend_free (tests/conftest.py) run in the torch process only: their results are the same on
 # every backend.
 TEST_JOBS ?= 3
+# The JAX suite holds the most work: split over two pytest-xdist workers (each test file stays on one worker,
+# so its module fixtures are built once), it keeps both cores busy after the other two backends finish.
+# JAX_WORKERS= runs it in one process.
+JAX_WORKERS ?= -n 2 --dist loadfile
 test: install
 	@$(MAKE) --no-print-directory -j$(TEST_JOBS) -O $(addprefix test-,$(BACKENDS))
 
 $(addprefix test-,$(BACKENDS)): test-%: install
 	@echo "=== KERAS_BACKEND=$* ==="
-	KERAS_BACKEND=$* $(PY) -m pytest --durations=15 $(if $(filter torch,$*),,-m "not backend_free") $(PYTEST_ARGS)
+	KERAS_BACKEND=$* $(PY) -m pytest --durations=15 $(if $(filter torch,$*),,-m "not backend_free") \
+		$(if $(filter jax,$*),$(JAX_WORKERS)) $(PYTEST_ARGS)
 
 # The demo recipe on the embedded digits data: offline, about a minute on a 2-core CPU.
 # It prints the run directory. Extra flags: make train TRAIN_ARGS="--epochs 3".

@@ -40,6 +40,16 @@ class AugmentedClassifier(keras.Model):
         self.mix = mix
         self.num_classes = num_classes
 
+    def build(self, input_shape):
+        # Keras builds a subclassed model on its first batch and warns when nothing says how: the
+        # augmentation keeps the image shape the classifier then takes.
+        images = tuple(input_shape["images"])
+        if not self.augment.built:
+            self.augment.build(images)
+        if not self.classifier.built:
+            self.classifier.build(self.augment.compute_output_shape(images))
+        self.built = True
+
     def call(self, inputs, training=False):
         images, labels = inputs["images"], inputs["labels"]
         if training:
