@@ -58,7 +58,7 @@ def test_history_csv_has_csvloggers_layout_and_best_is_derived_from_it(tmp_path)
     assert list(back[0]) == ["epoch", "loss", "top1", "val_top1"]
     assert [r["val_top1"] for r in back] == ["NA", "0.7", "NA"]
     assert rundir.history_value(back[0], "val_top1") is None
-    assert rundir.best_of(back, "top1") == {"monitor": "top1", "value": 0.75, "epoch": 2}
+    assert rundir.best_of(back, "top1") == {"monitor": "top1", "value": 0.75, "epoch": 1}  # row index, from 0
 
 
 def test_restore_falls_back_to_the_previous_checkpoint_when_the_latest_is_damaged(tmp_path):
@@ -83,7 +83,7 @@ def test_restore_falls_back_to_the_previous_checkpoint_when_the_latest_is_damage
     for got, want in zip(fresh.get_weights(), saved[1], strict=True):
         np.testing.assert_array_equal(got, want)
     assert [int(r["epoch"]) for r in run.history()] == [0, 1]
-    assert "unreadable" in messages[0] and latest in messages[0] and "epoch 2 of 3" in messages[1]
+    assert "unreadable" in messages[0] and latest in messages[0] and "after 2 of the 3 recorded epochs" in messages[1]
 
 
 def test_restore_with_no_readable_checkpoint_starts_over(tmp_path):
