@@ -6,9 +6,10 @@ its ``export.json``). All three give a ``ModelBundle`` with one interface:
 ``logits(images)`` on eval-transformed float32 ``[N, S, S, 3]`` pixels in
 [0, 255], plus the class names and eval transform from the run's config.
 
-A ``.keras`` file carries its own eval preset (``embed_preset``: image size, crop, interpolation, class
-names, mean/std) as one more entry of its zip archive, which Keras's loader ignores, so the file alone
-predicts and evaluates as its run does, copied anywhere. The preset wins over a ``config.json`` beside it.
+A ``.keras`` file carries its own eval preset (``preset_entries``, which ``atomic.save_model`` writes
+into the archive: image size, crop, interpolation, class names, mean/std), which Keras's loader ignores, so
+the file alone predicts and evaluates as its run does, copied anywhere. The preset wins over a
+``config.json`` beside it.
 
 ``.keras`` files are loaded in Keras's safe mode (no code from the file runs).
 A SavedModel cannot be opened that way: it is a TensorFlow graph, and running
@@ -20,12 +21,11 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import zipfile
 
 import numpy as np
 
-from keras_convmixer import atomic, presets, pretrained, rundir, structure
+from keras_convmixer import presets, pretrained, rundir, structure
 from keras_convmixer.atomic import read_json
 from keras_convmixer.errors import first_line
 
@@ -158,22 +158,8 @@ def preset_entries(config):
     return {PRESET_ENTRY: json.dumps(preset, indent=2, default=float)}
 
 
-def embed_preset(model_file, config):
-    """Write the eval preset of ``config`` into the ``.keras`` archive ``model_file`` that is already saved,
-    replacing any preset it held; crash-safe (a copy is changed, then renamed over the file)."""
-    ((name, text),) = preset_entries(config).items()
-    with atomic.atomic_path(model_file) as tmp:
-        with zipfile.ZipFile(model_file) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as target:
-            for item in source.infolist():
-                if item.filename != name:
-                    with source.open(item) as src, target.open(item, "w") as dst:
-                        shutil.copyfileobj(src, dst)
-            target.writestr(name, text)
-    return json.loads(text)
-
-
 def read_preset(model_file):
-    """The eval preset inside a ``.keras`` archive (``embed_preset``), ``{}`` where it holds none."""
+    """The eval preset inside a ``.keras`` archive (``preset_entries``), ``{}`` where it holds none."""
     try:
         with zipfile.ZipFile(model_file) as archive:
             if PRESET_ENTRY not in archive.namelist():

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 import keras_convmixer as kc
+from keras_convmixer import atomic
 from keras_convmixer.artifacts import (
     PRESET_ENTRY,
     KerasFileError,
     ModelPathError,
     UntrustedSavedModelError,
-    embed_preset,
     logits_model,
     open_model,
+    preset_entries,
     read_preset,
 )
 from tests.helpers import randomize_batchnorm
@@ -184,9 +185,7 @@ def test_the_embedded_preset_travels_with_the_file(run, tmp_path):
     config = json.loads((run[0] / "config.json").read_text())
     config.update(crop_pct=0.8, interpolation="bicubic", mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
     source = tmp_path / "with_preset.keras"
-    shutil.copy(run[0] / "best.keras", source)
-    embed_preset(source, config)
-    embed_preset(source, config)  # again: replaced, not added twice
+    atomic.save_model(run[1], source, entries=preset_entries(config))
     with zipfile.ZipFile(source) as archive:
         assert archive.namelist().count(PRESET_ENTRY) == 1
     copy = _alone(source, tmp_path)
