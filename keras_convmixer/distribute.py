@@ -40,29 +40,6 @@ def set_precision(cfg):
     return policy
 
 
-class PeerLost(RuntimeError):
-    """Another process of a multi-process run stopped: this one cannot go on (its collectives have no peer)."""
-
-
-# What JAX's CPU (gloo) and GPU collectives and its coordination service say when a peer process has gone.
-_PEER_GONE = ("gloo", "connection reset", "connection closed", "heartbeat timeout", "coordination service")
-
-
-def peer_lost(err, cfg):
-    """A ``PeerLost`` naming the stopped process when ``err`` is a JAX runtime error from a lost peer of a
-    multi-process run, else None. With two processes the stopped one is the other; with more, the collectives do
-    not say which."""
-    n = int(cfg["num_processes"])
-    text = str(err).lower()
-    if n < 2 or "RuntimeError" not in type(err).__name__ or not any(mark in text for mark in _PEER_GONE):
-        return None
-    who = f"process {1 - int(cfg['process_id'])}" if n == 2 else "another process"
-    return PeerLost(
-        f"{who} of this {n}-process run stopped, so process {cfg['process_id']} stops too: the finished epochs are "
-        "saved; run the same command again on every machine to resume."
-    )
-
-
 def init_distributed(cfg):
     """Join the JAX multi-process job, before any JAX computation."""
     if cfg["strategy"] in ("data-parallel", "auto") and cfg["num_processes"] > 1:

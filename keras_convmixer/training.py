@@ -206,13 +206,7 @@ def train(config):
                     errno.EBUSY,
                     f"run dir {run.path} was written by another run while this one started: re-run the command",
                 )
-            try:
-                return _run(plan, run, t_start)
-            except Exception as err:
-                lost = distribute.peer_lost(err, config)
-                if lost is None:
-                    raise
-                raise lost from None
+            return _run(plan, run, t_start)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
