@@ -40,6 +40,38 @@ def set_precision(cfg):
     return policy
 
 
+class PeerLost(RuntimeError):
+    """Another process of a multi-process run stopped: this one cannot go on (its collectives have no peer)."""
+
+
+# What JAX's CPU (gloo) and GPU (NCCL) collectives and its coordination service say when a peer process has
+# gone. JAX raises these as JaxRuntimeError from a step, but as a ValueError from the equality check of a
+# device_put onto a global sharding, so the text is what tells.
+_PEER_GONE = ("gloo", "nccl", "heartbeat timeout", "coordination service", "barrier failed")
+
+
+def _chain(err):
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def peer_lost(err, cfg):
+    """A ``PeerLost`` naming the stopped process when ``err`` (or an error it came from) is a collective or
+    coordination failure of a multi-process run, else None. With two processes the stopped one is the other;
+    with more, the collectives do not say which."""
+    n = int(cfg["num_processes"])
+    if n < 2 or not any(mark in str(e).lower() for e in _chain(err) for mark in _PEER_GONE):
+        return None
+    who = f"process {1 - int(cfg['process_id'])}" if n == 2 else "another process"
+    return PeerLost(
+        f"{who} of this {n}-process run stopped, so process {cfg['process_id']} stops too: the finished epochs are "
+        "saved; run the same command again on every machine to resume."
+    )
+
+
 def init_distributed(cfg):
     """Join the JAX multi-process job, before any JAX computation."""
     if cfg["strategy"] in ("data-parallel", "auto") and cfg["num_processes"] > 1:

@@ -15,7 +15,8 @@ from keras_convmixer.config import weights_spec
 
 # Settings that may change between a run and its resumption. ``from_weights`` says which settings were left to
 # the weights, not what they are: a config file that states their values is the same run.
-RESUME_MAY_CHANGE = ("output_dir", "verbose", "from_weights")
+# A resumed multi-process run may meet on another coordinator address (a restarted job gets new hosts or ports).
+RESUME_MAY_CHANGE = ("output_dir", "verbose", "from_weights", "coordinator")
 
 
 def reconcile(config, saved, run_dir, backend, starting):

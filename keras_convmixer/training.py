@@ -207,6 +207,11 @@ def train(config):
                     f"run dir {run.path} was written by another run while this one started: re-run the command",
                 )
             return _run(plan, run, t_start)
+    except Exception as err:
+        lost = distribute.peer_lost(err, config)  # from a step, a data transfer or a save alike
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 

@@ -12,6 +12,7 @@ best.keras, last.keras, metrics.json, curves.png and TensorBoard logs.
 """
 
 import argparse
+import os
 import sys
 
 from keras_convmixer import config, recipes, resume, settings
@@ -213,11 +214,19 @@ def main(argv=None):
     setup_logging()
     training = import_or_fail(parser, "keras_convmixer.training")  # Keras and its backend load here
     diverged = import_or_fail(parser, "keras_convmixer.callbacks").TrainingDiverged
+    peer_lost = import_or_fail(parser, "keras_convmixer.distribute").PeerLost
     with one_line_errors(parser):
         try:
             training.train(resolved)
         except diverged as err:  # not a usage error: exit 1, one line
             parser.exit(1, f"{parser.prog}: {err}\n")
+        except peer_lost as err:
+            # At a normal exit JAX's shutdown barrier waits for the lost process (about 100 s) and then aborts
+            # with a native stack trace; the run's files are already written, so leave at once.
+            sys.stderr.write(f"{parser.prog}: {err}\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
     return 0
 
 
