@@ -9,6 +9,13 @@ not counted. The augmentation alone (its jitted forward on one batch) is timed t
 
   KERAS_BACKEND=jax python benchmarks/augment_cost.py                      # ConvMixer-256/8, batch 512
   KERAS_BACKEND=jax python benchmarks/augment_cost.py --dim 128 --depth 4 --patch-size 4 --out cost.json
+
+``--augment-only`` times only the augmentation, per image: e.g. the ImageNet recipe's, on the 224² uint8
+squares the streamed input's host crop delivers (``--host-cropped``: no crop on the device, as training
+builds it for a folder stream), with its MixUp/CutMix timed beside it:
+
+  KERAS_BACKEND=jax python benchmarks/augment_cost.py --recipe imagenet --image-size 224 --batch-size 64 \
+      --augment-only --host-cropped
 """
 
 import argparse
@@ -24,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build(cfg, augmented):
+def build(cfg, augmented, crop=True):
     import keras
 
     from keras_convmixer import augment as aug
@@ -32,7 +39,7 @@ def build(cfg, augmented):
     from keras_convmixer.training import AugmentedClassifier
 
     off = dict(cfg, hflip=0.0, randaug_n=0, reprob=0.0, color_jitter=0.0)
-    augment = aug.DeviceAugment(cfg if augmented else off, crop=augmented, name="device_augment")
+    augment = aug.DeviceAugment(cfg if augmented else off, crop=augmented and crop, name="device_augment")
     mix = aug.make_batch_mix(cfg, 10, host=False)
     classifier = ConvMixer(**cfg["model_kwargs"], classes=10, name="convmixer")
     model = AugmentedClassifier(classifier, augment, mix, 10)
@@ -51,13 +58,16 @@ def build(cfg, augmented):
     return model, augment
 
 
-def time_augment_alone(augment, batch, repeats):
+def time_augment_alone(augment, batch, repeats, labels=None):
+    """Median seconds of ``augment``'s jitted forward on ``batch`` (with ``labels``: a batch mix's)."""
     import keras
 
     x = keras.ops.convert_to_tensor(batch)
     state = [v.value for v in augment.non_trainable_variables]
 
     def run(state, x):
+        if labels is not None:
+            return augment.stateless_call([], state, x, keras.ops.convert_to_tensor(labels))[0][0]
         return augment.stateless_call([], state, x, training=True)[0]
 
     if keras.backend.backend() == "jax":
@@ -83,6 +93,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps per timed fit")
     p.add_argument("--repeats", type=int, default=3, help="timed fits per model, alternating")
     p.add_argument("--out", default=None, help="JSON file for the figures")
+    p.add_argument("--recipe", default="cifar10", help="the recipe whose augmentation is timed")
+    p.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--augment-only", action="store_true", help="time the augmentation alone, per image")
+    p.add_argument("--host-cropped", action="store_true", help="no crop on the device (the host cropped)")
     args = p.parse_args(argv)
 
     import keras
@@ -90,9 +104,11 @@ def main(argv=None):
     from keras_convmixer.data.in_memory import batch_stream, stream_placement
     from keras_convmixer.recipes import resolve_config
 
+    size = dict(image_size=args.image_size) if args.image_size else {}
     cfg = resolve_config(
-        "cifar10",
+        args.recipe,
         dict(
+            size,
             model="custom",
             dim=args.dim,
             depth=args.depth,
@@ -100,7 +116,7 @@ def main(argv=None):
             patch_size=args.patch_size,
             batch_size=args.batch_size,
             output_dir="unused",
-            in_memory=True,
+            in_memory=not args.host_cropped,
             augment_on="device",
         ),
     )
@@ -109,8 +125,11 @@ def main(argv=None):
     keras.mixed_precision.set_global_policy("float32")
     rng = np.random.default_rng(0)
     n = 4 * args.batch_size
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    side = cfg["image_size"] if args.host_cropped else 32 if args.recipe == "cifar10" else 256
+    images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype("int32")
+    if args.augment_only:
+        return _augment_only(cfg, args, images, labels)
     models = {}
     for name, augmented in (("with", True), ("without", False)):
         model, augment = build(cfg, augmented)
@@ -146,6 +165,36 @@ def main(argv=None):
         steps_with=[round(v, 4) for v in per_step["with"]],
         steps_without=[round(v, 4) for v in per_step["without"]],
         first_step_s=compile_s,
+    )
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _augment_only(cfg, args, images, labels):
+    from keras_convmixer import augment as aug
+
+    augment = aug.DeviceAugment(cfg, crop=not args.host_cropped, name="device_augment")
+    augment.build(images[: args.batch_size].shape)
+    mix = aug.make_batch_mix(cfg, 10, host=False)
+    batch, one_hot = images[: args.batch_size], labels[: args.batch_size]
+    augment_s = time_augment_alone(augment, batch, args.repeats)
+    mixed = np.asarray(augment(batch.astype("float32"), training=True))
+    mix(mixed, one_hot)  # builds it
+    mix_s = time_augment_alone(mix, mixed, args.repeats, labels=one_hot)
+    result = dict(
+        recipe=args.recipe,
+        image_size=cfg["image_size"],
+        input_side=int(images.shape[1]),
+        device_crop=not args.host_cropped,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        randaug=f"n{cfg['randaug_n']} m{cfg['randaug_m']}",
+        augment_s_per_batch=round(augment_s, 4),
+        augment_ms_per_image=round(1000 * augment_s / args.batch_size, 3),
+        mix_s_per_batch=round(mix_s, 4),
+        mix_ms_per_image=round(1000 * mix_s / args.batch_size, 3),
     )
     print(json.dumps(result, indent=2))
     if args.out:

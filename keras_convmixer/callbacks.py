@@ -9,6 +9,7 @@ import keras
 from keras import ops
 
 from keras_convmixer import atomic, rundir
+from keras_convmixer.data.stream import StreamState
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -111,10 +112,11 @@ class RunCheckpoint(keras.callbacks.Callback):
     The classifier is saved bare (not a training wrapper), with ``entries`` (``{name: text}``, the eval
     preset) inside each ``.keras``. With a ``guard``, an epoch whose weights are not finite is not saved."""
 
-    def __init__(self, classifier, run, monitor="val_top1", guard=None, entries=None):
+    def __init__(self, classifier, run, monitor="val_top1", guard=None, entries=None, stream=None):
         super().__init__()
         self.classifier, self.run, self.monitor, self.guard = classifier, run, monitor, guard
         self.entries = entries
+        self.stream = stream  # a ShardedStream read through its restartable_dataset
         self.rows = []
 
     def on_train_begin(self, logs=None):
@@ -124,6 +126,15 @@ class RunCheckpoint(keras.callbacks.Callback):
         done = self.run.restore(self.model)
         self.rows = self.run.history()
         self.model._initial_epoch = done or None  # as keras.callbacks.BackupAndRestore does
+        if self.stream is not None:
+            # fit makes its data iterator after this hook: the resumed run reads on where the backup was made.
+            saved = self.run.stream_state(done) if done else None
+            self.stream.start_at(
+                StreamState.from_dict(saved) if saved is not None else self.stream.state_at(self._steps_done())
+            )
+
+    def _steps_done(self):
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and not self.guard.ok:
@@ -136,7 +147,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
             atomic.save_model(self.classifier, self.run / rundir.BEST_MODEL, self.entries)
         self.rows = [*self.rows, row]
-        self.run.commit_epoch(self.model, self.rows, monitor)
+        state = None if self.stream is None else self.stream.state_at(self._steps_done()).to_dict()
+        self.run.commit_epoch(self.model, self.rows, monitor, stream_state=state)
 
 
 def tensorboard_logs(run_dir, log=print):
@@ -151,7 +163,7 @@ def tensorboard_logs(run_dir, log=print):
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "tensorboard"))]
 
 
-def for_run(classifier, run, *, batch_size, unreadable, validated, guard, entries=None):
+def for_run(classifier, run, *, batch_size, unreadable, validated, guard, entries=None, stream=None):
     """The callbacks of a training run, in the order they must run: the loggers put their figures into the
     logs before ``guard`` checks the epoch, and the checkpoint (which records the logs in history.csv and
     saves nothing once ``guard`` has tripped) comes after both. ``guard`` checks the loss and the weights once
@@ -162,6 +174,6 @@ def for_run(classifier, run, *, batch_size, unreadable, validated, guard, entrie
         ThroughputLogger(int(batch_size)),
         guard,
         UnreadableFilesLogger(unreadable),
-        RunCheckpoint(classifier, run, "val_top1" if validated else "top1", guard, entries),
+        RunCheckpoint(classifier, run, "val_top1" if validated else "top1", guard, entries, stream),
         *tensorboard_logs(run.path),
     ]

@@ -279,18 +279,30 @@ def check_config(cfg):
     _check_finetuning(cfg)
     if cfg["in_memory"] and cfg["augment_on"] != "device":
         raise ValueError("--in-memory feeds arrays without tf.data: it needs --augment-on device.")
-    if int(cfg["num_processes"]) > 1 and not cfg["in_memory"]:
-        raise ValueError(
-            "--num-processes > 1 (JAX multi-process) feeds per-process array shards: add --in-memory "
-            "--augment-on device."
-        )
     from keras_convmixer.data import parse_source  # NumPy, but neither Keras nor TensorFlow
 
     kind, arg = parse_source(cfg["data"])
+    _check_processes(cfg, kind)
     if kind == "folder" and os.path.isfile(os.path.expanduser(arg)):
         raise ValueError(f"Data folder {arg!r} is a file, not a directory of class folders.")
     if kind == "folder" and not os.path.isdir(os.path.expanduser(arg)):
         raise FileNotFoundError(f"Data folder {arg!r} does not exist.")
+
+
+def _check_processes(cfg, kind):
+    n = int(cfg["num_processes"])
+    if n < 2:
+        return
+    if int(cfg["batch_size"]) % n:
+        raise ValueError(f"--batch-size {cfg['batch_size']} is global: it must split evenly over {n} processes.")
+    if cfg["in_memory"]:
+        return
+    if kind != "folder":
+        raise ValueError(f"--num-processes {n} streams image folders: a {kind} source needs --in-memory.")
+    if cfg["augment_on"] != "device":
+        raise ValueError(
+            f"--num-processes {n} streams its folder with the augmentation on the device: add --augment-on device."
+        )
 
 
 def _check_finetuning(cfg):

@@ -32,13 +32,15 @@ def start_note(config, weights, loaded):
 def banner(config, record, info, replicas, loaded, run_dir):
     """The line that opens a run: what trains on what, how long, where and how."""
     unreadable = len(info["unreadable"])
+    stream = info.get("stream")
+    streamed = f", streamed: {count(stream.local_batch, 'file')} of each batch per process" if stream else ""
     return (
         f"Training {describe_model(config)}{start_note(config, record.weights, loaded)} on {config.data}: "
         f"{info['num_train']} train / {count(info['num_val'], 'val image')}, "
         f"{count(len(info['class_names']), 'class', 'classes')}, "
         f"{count(int(config.epochs), 'epoch')} x {count(info['steps_per_epoch'], 'step')}, "
         f"batch {config.batch_size}, strategy {record.strategy_used} ({count(replicas, 'replica')}), "
-        f"{record.precision_used}, augment on {config.augment_on}; run dir {run_dir}"
+        f"{record.precision_used}, augment on {config.augment_on}{streamed}; run dir {run_dir}"
         + (f"; left out {count(unreadable, 'unreadable file')}" if unreadable else "")
     )
 

@@ -15,7 +15,8 @@ Layout::
     best.keras       the classifier at its best epoch
     metrics.json     summary written when the run ends
     curves.png       loss, top-1, learning-rate (per step) and images/s curves
-    backup/          optimizer + model checkpoints for resuming
+    backup/          optimizer + model checkpoints for resuming (and, for a streamed input, where the
+                     stream stood at each: epoch-NNNN.stream.json)
     .lock            held (fcntl) by the process training into the directory
 """
 
@@ -301,10 +302,21 @@ class RunDir:
                     found[int(m.group(1))] = os.path.join(self.backup_dir, name)
         return found
 
-    def commit_epoch(self, model, rows, monitor):
-        """Write the backup for ``len(rows)`` finished epochs, then the history that names it."""
+    def stream_state_path(self, epochs_done):
+        return os.path.join(self.backup_dir, f"epoch-{epochs_done:04d}.stream.json")
+
+    def stream_state(self, epochs_done):
+        """The input stream's state saved with the backup of ``epochs_done`` epochs (a dict), or None."""
+        path = self.stream_state_path(epochs_done)
+        return read_json(path) if os.path.exists(path) else None
+
+    def commit_epoch(self, model, rows, monitor, stream_state=None):
+        """Write the backup for ``len(rows)`` finished epochs (with ``stream_state``, a dict, beside it), then
+        the history that names it."""
         done = len(rows)
         save_weights(model, self.checkpoint(done))
+        if stream_state is not None:
+            write_json(self.stream_state_path(done), stream_state)
         write_text(self / HISTORY, history_csv(rows))  # the commit point
         best = best_of(rows, monitor)
         if best is not None:
@@ -312,6 +324,7 @@ class RunDir:
         for epochs, path in self.checkpoints().items():
             if epochs <= done - _KEEP_CHECKPOINTS or epochs > done:
                 remove_quietly(path)
+                remove_quietly(self.stream_state_path(epochs))
 
     def restore(self, model, log=print):
         """Load the newest readable checkpoint that ``history.csv`` covers into ``model`` (compiled,

@@ -1,4 +1,4 @@
-"""Training: the model, the data wiring, ``model.fit`` and the run directory it fills.
+"""Training: the model, ``model.fit`` on what ``inputs`` prepares, and the run directory it fills.
 
 ``train(config)`` takes a config from ``recipes.resolve_config``, writes the run directory
 (config.json, history.csv, best.keras/last.keras, TensorBoard logs, the backup checkpoints,
@@ -15,10 +15,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_convmixer import artifacts, callbacks, data, distribute, report, resume, rundir
+from keras_convmixer import artifacts, callbacks, distribute, inputs, report, resume, rundir
 from keras_convmixer import augment as aug
 from keras_convmixer.config import Config, RunRecord, run_json, view
-from keras_convmixer.data.in_memory import batch_stream
 from keras_convmixer.finetune import build_model, follow_weights, freeze_backbone, load_backbone
 from keras_convmixer.schedules import OneCycle, cosine_with_warmup
 
@@ -74,111 +73,6 @@ def _allow_jit(layer):
     # train step run without jit on JAX (~3.5x slower); they do trace under jax.jit.
     for sub in layer._flatten_layers(include_self=True, recursive=True):
         sub.supports_jit = True
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _subset(n, size, labels, seed):
-    """A seeded, stratified random subset of ``size`` of ``n`` indices, in random order."""
-    if size >= n:
-        return np.random.default_rng(seed).permutation(n)
-    keep, _ = data.stratified_split(labels, n - size, seed)  # the "val" part is what is left out
-    return np.random.default_rng(seed).permutation(keep)
-
-
-def _prepare_data(cfg):
-    """Return ``(train, val, fit_kwargs, source_info)`` for the host/device and tf.data/in-memory paths.
-
-    Every path gives ``model.fit`` an endless training stream and a known number of steps per
-    epoch, so the optimizer takes exactly ``epochs x steps`` steps and the one-cycle schedule ends
-    where it should (a dataset of unknown length makes Keras count one extra step per epoch when
-    it runs out). The validation split depends on ``split_seed`` only, not on the training seed.
-    """
-    batch = int(cfg["batch_size"])
-    steps_cap = int(cfg["steps_per_epoch"] or 0)
-    # Both paths split the same way, so an in-memory run validates on the images a tf.data run would.
-    split = dict(val_split=cfg["val_split"], val_source=cfg["val_source"], seed=cfg["split_seed"])
-    if cfg["in_memory"]:
-        mem = data.load_in_memory(cfg["data"], image_size=cfg["image_size"], **split)
-        x, y = mem.x_train, mem.y_train
-        if cfg["num_processes"] > 1:  # each process feeds its own shard, batch_size per process
-            # Equal shard lengths, so every process runs the same steps with the same batch shapes.
-            per_process = len(y) // cfg["num_processes"]
-            shard = slice(cfg["process_id"], per_process * cfg["num_processes"], cfg["num_processes"])
-            x, y = x[shard], y[shard]
-            batch //= cfg["num_processes"]
-        steps = len(y) // batch
-        if steps_cap:
-            steps = min(steps, steps_cap)
-        xv, yv = mem.x_val, mem.y_val
-        if cfg["val_steps"]:
-            # A random stratified subset, not a prefix: the arrays are ordered by class.
-            keep = _subset(len(yv), int(cfg["val_steps"]) * batch, yv, cfg["split_seed"])
-            xv, yv = xv[keep], yv[keep]
-        val = ({"images": xv, "labels": yv}, yv) if len(yv) else None
-        unreadable = data.DecodeAudit()
-        for path, reason in mem.failures.items():
-            unreadable.add(path, reason)
-        info = dict(
-            class_names=mem.class_names, num_train=len(y), num_val=len(yv), unreadable=unreadable, steps_per_epoch=steps
-        )
-        # Successive shuffled passes chained (as the tf.data path's repeated shuffle), so a short epoch still draws
-        # from every image; on JAX without a distribution the arrays stay on the device and each step's batch is
-        # gathered there.
-        stream = batch_stream(x, y, batch, cfg["seed"])
-        return stream, val, dict(validation_batch_size=batch, steps_per_epoch=steps, shuffle=False), info
-
-    return _tf_data(cfg, batch, split, steps_cap)
-
-
-def _tf_data(cfg, batch, split, steps_cap):
-    """``_prepare_data`` for the tf.data path: batched datasets, augmented on the host or left to the device."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ImportError(
-            "The tf.data input path needs TensorFlow, which is not installed: "
-            "train with --in-memory --augment-on device instead."
-        ) from None
-
-    src = data.load_source(cfg["data"], data_dir=cfg["data_dir"], download=cfg["download"], **split)
-    n = src.num_classes
-    common = dict(
-        image_size=cfg["image_size"],
-        batch_size=batch,
-        seed=cfg["seed"],
-        crop_pct=cfg["crop_pct"],
-        interpolation=cfg["interpolation"],
-    )
-    image_map = aug.host_image_map(cfg)
-    if cfg["augment_on"] == "host":
-        train = data.make_dataset(
-            src.train, training=True, image_map=image_map, batch_map=aug.host_batch_map(cfg, n), repeat=True, **common
-        )
-    else:
-        train = data.make_dataset(src.train, training=True, image_map=image_map, repeat=True, **common)
-        train = train.map(lambda x, y: ({"images": x, "labels": y}, y))
-    steps = src.num_train // batch
-    if steps_cap:
-        steps = min(steps, steps_cap)
-    val = None
-    if src.val is not None:
-        val = data.make_dataset(src.val, training=False, **common)
-        if cfg["augment_on"] == "host":
-            val = val.map(lambda x, y: (x, tf.one_hot(y, n)))
-        else:
-            val = val.map(lambda x, y: ({"images": x, "labels": y}, y))
-        if cfg["val_steps"]:
-            val = val.take(int(cfg["val_steps"]))
-    info = dict(
-        class_names=src.class_names,
-        num_train=src.num_train,
-        num_val=src.num_val,
-        unreadable=src.audit,
-        steps_per_epoch=steps,
-    )
-    return train, val, dict(shuffle=False, steps_per_epoch=steps), info  # tf.data shuffles itself
 
 
 def train(config):
@@ -291,9 +185,9 @@ def _follow_weights(config):
 
 
 def _data(config, record, saved, run_dir):
-    """``_prepare_data``'s ``(train, val, fit_kwargs, info)``, checked: at least one batch, and on resume the
+    """``inputs.prepare``'s ``(train, val, fit_kwargs, info)``, checked: at least one batch, and on resume the
     classes the run began with; ``record`` gets the classes."""
-    prepared = _prepare_data(config)
+    prepared = inputs.prepare(config, record.strategy_used)
     info = prepared[3]
     if info["num_train"] == 0 or info["steps_per_epoch"] == 0:
         raise ValueError(f"{config.data}: fewer training images than one batch of {config.batch_size}.")
@@ -364,6 +258,7 @@ def _run(plan, run, t_start):
         validated=val_data is not None,
         guard=guard,
         entries=artifacts.preset_entries(view(config, record)),  # a copied best.keras predicts as the run
+        stream=info.get("stream"),
     )
     print(report.banner(config, record, info, plan.replicas, plan.starting, run.path))
     _fit(model, train_data, val_data, config, hooks, fit_kwargs)

@@ -113,6 +113,20 @@ def test_a_saved_state_resumes_with_the_batches_an_uninterrupted_run_reads_next(
                 np.testing.assert_array_equal(got[1].numpy(), want[1])
 
 
+def test_the_restartable_dataset_starts_where_start_at_last_said_when_its_iterator_is_made(tmp_path):
+    split = id_folder(tmp_path)
+    whole = [ids(b) for b in take(stream(split), 7)]  # 3 steps an epoch: into the third epoch
+    s = stream(split)
+    ds = s.restartable_dataset()  # made before the start is known, as model.fit is given it
+    assert [ids(b) for b in ds.take(2)] == whole[:2]
+    s.start_at(s.state_at(4))
+    assert [ids(b) for b in ds.take(3)] == whole[4:7]  # the next iterator reads the new start
+    s.start_at(StreamState(0, 1, 3))
+    assert ids(next(iter(ds))) == whole[1]
+    with pytest.raises(ValueError, match="seed 9"):
+        s.start_at(StreamState(0, 0, 9))
+
+
 def test_a_file_that_fails_to_decode_is_black_and_named(tmp_path):
     split = id_folder(tmp_path, damaged=(4, 11))  # cut after a valid header: the scan cannot tell
     shard = ShardedStream(split, image_size=8, global_batch=13, epochs=1)  # every file, in 2 steps

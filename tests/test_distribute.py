@@ -118,7 +118,23 @@ def test_jax_two_processes_data_parallel(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _two_processes(run, logs, port, **settings):
+def _photo_folder(root):
+    """Three classes of 140 small JPEGs (each class bright in its own channel): 23 batches of 16 an epoch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(140):
+            small = rng.integers(0, 256, (8, 7, 3), dtype=np.uint8)
+            small[..., c] = 200
+            Image.fromarray(small).resize((20, 24), Image.BICUBIC).save(root / f"class{c}" / f"{i:03d}.jpg", quality=90)
+    return f"folder:{root}"
+
+
+def _processes(run, logs, n, port=None, **settings):
+    """The demo recipe's training run of the tiny model with JAX data parallelism, as ``n`` processes on
+    127.0.0.1 (each writing its output to ``logs/process_<i>.{out,err}``)."""
     env = {
         **os.environ,
         "KERAS_BACKEND": "jax",
@@ -126,35 +142,109 @@ def _two_processes(run, logs, port, **settings):
         "JAX_PLATFORMS": "cpu",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    flags = dict(strategy="data-parallel", num_processes=2, coordinator=f"127.0.0.1:{port}", in_memory=True)
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "scripts/train.py",
-                *cli_flags(output_dir=run, process_id=i, **flags, augment_on="device", **settings),
-                *TINY_FLAGS,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=open(logs / f"process_{i}.out", "w"),
-            stderr=open(logs / f"process_{i}.err", "w"),
+    procs, port = [], port or _free_port()
+    for i in range(n):
+        flags = dict(strategy="data-parallel", augment_on="device", **settings)
+        if n > 1:
+            flags.update(num_processes=n, process_id=i, coordinator=f"127.0.0.1:{port}")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "scripts/train.py", *TINY_FLAGS, *cli_flags(output_dir=run, **flags)],  # last wins
+                cwd=ROOT,
+                env=env,
+                stdout=open(logs / f"process_{i}.out", "w"),
+                stderr=open(logs / f"process_{i}.err", "w"),
+            )
         )
-        for i in range(2)
-    ]
+    return procs
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
-def test_a_killed_process_ends_the_other_with_one_line_and_the_same_command_resumes(tmp_path):
-    run, settings = tmp_path / "run", dict(epochs=2, steps_per_epoch=60)
-    procs = _two_processes(run, tmp_path, _free_port(), **settings)
+def _weights(path):
+    return keras.saving.load_model(path).get_weights()
+
+
+def _wait(procs, logs, rc=0, timeout=400):
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=timeout) == rc, (logs / f"process_{i}.err").read_text()[-2000:]
+
+
+def _kill_after_first_epoch(procs, run, logs, victim):
+    """Kill ``procs[victim]`` (SIGKILL) once ``run``'s history has its first epoch; returns the time of the kill."""
     deadline = time.monotonic() + 300
     history = run / "history.csv"
     while not (history.exists() and len(history.read_text().splitlines()) >= 2):  # header + epoch 0
-        assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "process_0.err").read_text()[-2000:]
-        time.sleep(0.1)
-    procs[1].kill()
-    killed = time.monotonic()
+        assert time.monotonic() < deadline, (logs / "process_0.err").read_text()[-2000:]
+        assert all(p.poll() is None for p in procs), (logs / "process_0.err").read_text()[-2000:]
+        time.sleep(0.05)
+    procs[victim].kill()
+    return time.monotonic()
+
+
+# Batch 16 over 2 processes: 8 images each per step; 2 epochs x 23 steps, a validation batch each epoch.
+STREAMED = dict(epochs=2, batch_size=16, val_steps=1)
+
+
+@pytest.fixture(scope="module")
+def streamed_runs(tmp_path_factory):
+    """Uninterrupted streamed runs of one and of two processes on the same folder, trained side by side."""
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution multi-process runs on JAX")
+    root = tmp_path_factory.mktemp("streamed")
+    folder = _photo_folder(root / "photos")
+    (root / "one").mkdir()
+    (root / "two").mkdir()
+    one = _processes(root / "one" / "run", root / "one", 1, data=folder, **STREAMED)
+    two = _processes(root / "two" / "run", root / "two", 2, data=folder, **STREAMED)
+    _wait(one, root / "one")
+    _wait(two, root / "two")
+    return root, folder
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
+def test_two_processes_stream_a_folder_and_train_the_weights_one_process_does_on_the_same_global_batches(
+    streamed_runs,
+):
+    root, _ = streamed_runs
+    for i in range(2):
+        out = (root / "two" / f"process_{i}.out").read_text()
+        assert "2 epochs x 23 steps, batch 16, strategy data-parallel (2 replicas)" in out, out[-2000:]
+        assert "augment on device, streamed: 8 files of each batch per process" in out
+    assert (
+        "2 epochs x 23 steps, batch 16, strategy data-parallel (1 replica)"
+        in (root / "one" / "process_0.out").read_text()
+    )
+    run = root / "two" / "run"
+    w0, w1 = _weights(run / "last.keras"), _weights(run / "process_1" / "last.keras")
+    single = _weights(root / "one" / "run" / "last.keras")
+    # Each process read its half of every global batch of 16 (8 files, disjoint, together the one process's 16):
+    # a shard that overlapped the other's, or missed files, would train other weights.
+    for a, b, c in zip(w0, w1, single, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    state = json.loads((run / "backup" / "epoch-0002.stream.json").read_text())
+    assert state == {"epoch": 2, "step": 0, "seed": 0}  # where the stream stood after 2 x 23 global batches
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
+def test_a_resumed_one_process_stream_reads_the_batches_the_uninterrupted_run_read(streamed_runs, tmp_path):
+    root, folder = streamed_runs
+    run = tmp_path / "run"
+    procs = _processes(run, tmp_path, 1, data=folder, **STREAMED)
+    _kill_after_first_epoch(procs, run, tmp_path, victim=0)
+    procs[0].wait(timeout=60)
+    assert len((run / "history.csv").read_text().splitlines()) == 2, "the kill came after the run had finished"
+    _wait(_processes(run, tmp_path, 1, data=folder, **STREAMED), tmp_path)
+    # Same pixels, same order, same augmentation draws: the weights are the uninterrupted run's, bit for bit.
+    for a, b in zip(_weights(run / "last.keras"), _weights(root / "one" / "run" / "last.keras"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
+def test_a_killed_process_ends_the_other_with_one_line_and_the_same_command_reads_on(streamed_runs, tmp_path):
+    root, folder = streamed_runs
+    run = tmp_path / "run"
+    procs = _processes(run, tmp_path, 2, port=_free_port(), data=folder, **STREAMED)
+    killed = _kill_after_first_epoch(procs, run, tmp_path, victim=1)
     procs[0].wait(timeout=120)
     waited = time.monotonic() - killed
     err = (tmp_path / "process_0.err").read_text()
@@ -163,13 +253,12 @@ def test_a_killed_process_ends_the_other_with_one_line_and_the_same_command_resu
     assert "Traceback" not in err and "Check failure" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("train.py: process 1 of this 2-process run stopped, so process 0 stops too"), last
-    assert len(history.read_text().splitlines()) == 2  # the finished epoch is kept
+    assert len((run / "history.csv").read_text().splitlines()) == 2  # the finished epoch is kept
 
-    procs = _two_processes(run, tmp_path, _free_port(), **settings)
-    for i, p in enumerate(procs):
-        assert p.wait(timeout=400) == 0, (tmp_path / f"process_{i}.err").read_text()[-2000:]
-    assert [row.split(",")[0] for row in history.read_text().splitlines()[1:]] == ["0", "1"]
-    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    _wait(_processes(run, tmp_path, 2, port=_free_port(), data=folder, **STREAMED), tmp_path)  # a new port
+    assert [row.split(",")[0] for row in (run / "history.csv").read_text().splitlines()[1:]] == ["0", "1"]
+    for a, b in zip(_weights(run / "last.keras"), _weights(root / "two" / "run" / "last.keras"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # the batches the uninterrupted run read
 
 
 def test_only_a_lost_peer_of_a_multi_process_run_is_named_as_one():

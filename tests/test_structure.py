@@ -109,7 +109,7 @@ LAYERS = (
         "rundir",
         "distribute",
     ),
-    # Layers, data, augmentation, checkpoint reading and the recipes.
+    # Layers, data, augmentation, what fit reads, checkpoint reading and the recipes.
     (
         "layers",
         "data",
@@ -133,6 +133,7 @@ LAYERS = (
         "curves",
         "recipes",
         "optim",
+        "inputs",
     ),
     # Where weights come from: it maps tensors and never builds a model.
     ("pretrained",),

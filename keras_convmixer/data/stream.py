@@ -101,6 +101,7 @@ class ShardedStream:
         self.local_batch = self.global_batch // self.process_count
         self.steps_per_epoch = len(split) // self.global_batch
         self.audit = audit if audit is not None else split.audit if split.audit is not None else DecodeAudit()
+        self._start = None
 
     def state_at(self, step: int) -> StreamState:
         """The state after ``step`` global batches from the start (e.g. the optimizer's iterations)."""
@@ -119,16 +120,19 @@ class ShardedStream:
             raise ValueError(f"stream state epoch {state.epoch} is past the stream's {self.epochs} epochs")
         return state
 
-    def _slots(self, state):
-        """``epoch -> dataset of (key, (path, label))`` for this process's files from ``state`` on."""
+    def _slots(self, first_epoch, first_step):
+        """The dataset of ``(key, (path, label))`` for this process's files from step ``first_step`` of epoch
+        ``first_epoch`` on (Python ints or int64 scalars, read when an iterator is made)."""
         tf = import_tf()
         n, g, local = len(self.split), self.global_batch, self.local_batch
         paths = tf.constant([str(p) for p in self.split.paths])
         labels = tf.constant(self.split.labels.astype(np.int32))
         offsets = tf.range(local, dtype=tf.int64) + self.process_index * local
+        first_epoch = tf.cast(first_epoch, tf.int64)
+        first_step = tf.cast(first_step, tf.int64)
 
         def epoch_slots(epoch):
-            first = tf.where(tf.equal(epoch, state.epoch), tf.constant(state.step, tf.int64), 0)
+            first = tf.where(tf.equal(epoch, first_epoch), first_step, tf.constant(0, tf.int64))
             steps = tf.range(first, self.steps_per_epoch, dtype=tf.int64)
             slots = tf.reshape(steps[:, None] * g + offsets[None, :], [-1])
             order = tf.random.experimental.stateless_shuffle(
@@ -138,15 +142,34 @@ class ShardedStream:
             keys = epoch * (self.steps_per_epoch * g) + slots  # the slot in the whole stream: the crop's key
             return tf.data.Dataset.from_tensor_slices((keys, (tf.gather(paths, files), tf.gather(labels, files))))
 
-        return epoch_slots
+        stop = self.epochs if self.epochs is not None else np.iinfo(np.int64).max
+        return tf.data.Dataset.range(first_epoch, stop).flat_map(epoch_slots)
 
     def dataset(self, state: StreamState | None = None):
         """The ``tf.data.Dataset`` of this process's batches from ``state`` (default: the start) on."""
-        tf = import_tf()
         state = self._check_state(state)
-        stop = self.epochs if self.epochs is not None else np.iinfo(np.int64).max
-        ds = tf.data.Dataset.range(state.epoch, stop).flat_map(self._slots(state))
-        ds = ds.interleave(
+        return self._batched(self._slots(state.epoch, state.step))
+
+    def restartable_dataset(self):
+        """The dataset of this process's batches from the state last given to ``start_at`` (default: the start),
+        read each time an iterator is made: ``model.fit`` makes its iterator after the callbacks'
+        ``on_train_begin``, where a resumed run learns how far it got."""
+        tf = import_tf()
+        if self._start is None:
+            self._start = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="stream_start")
+        start = self._start
+        return self._batched(tf.data.Dataset.from_tensors(0).flat_map(lambda _: self._slots(start[0], start[1])))
+
+    def start_at(self, state: StreamState) -> None:
+        """Make ``restartable_dataset``'s next iterator begin at ``state``."""
+        state = self._check_state(state)
+        if self._start is None:
+            self.restartable_dataset()
+        self._start.assign([state.epoch, state.step])
+
+    def _batched(self, slots):
+        tf = import_tf()
+        ds = slots.interleave(
             self._decode_or_black(),
             cycle_length=tf.data.AUTOTUNE,
             num_parallel_calls=tf.data.AUTOTUNE,
