@@ -1,8 +1,8 @@
 """What ``model.fit`` reads: the training stream and validation data of a run, on each input path.
 
-``prepare(cfg, strategy)`` picks the path: ``--in-memory`` arrays (``data.in_memory``), a folder streamed
-per process (``data.stream.ShardedStream``, for JAX data parallelism with the augmentation on the device),
-or a tf.data pipeline (``data.make_dataset``), augmented on the host or left to the device.
+``prepare(cfg, strategy)`` picks the path: ``--in-memory`` arrays (``data.in_memory``), a folder or TFDS
+split streamed per process (``data.stream.ShardedStream``, for JAX data parallelism with the augmentation
+on the device), or a tf.data pipeline (``data.make_dataset``), augmented on the host or left to the device.
 """
 
 import numpy as np
@@ -69,14 +69,14 @@ def prepare(cfg, strategy="none"):
 
 
 def streams(cfg, strategy):
-    """Whether training reads its folder through ``data.stream.ShardedStream``: JAX data parallelism (one
-    process or several) with the augmentation on the device and the images not held in memory. Each process
-    then reads only its shard of every global batch, and a resumed run reads on where it stopped."""
+    """Whether training reads its folder or TFDS split through ``data.stream.ShardedStream``: JAX data
+    parallelism (one process or several) with the augmentation on the device and the images not held in
+    memory. Each process then reads only its shard, and a resumed run reads on where it stopped."""
     return (
         strategy == "data-parallel"
         and not cfg["in_memory"]
         and cfg["augment_on"] == "device"
-        and data.parse_source(cfg["data"])[0] == "folder"
+        and data.parse_source(cfg["data"])[0] in ("folder", "tfds")
     )
 
 

@@ -297,11 +297,11 @@ def _check_processes(cfg, kind):
         raise ValueError(f"--batch-size {cfg['batch_size']} is global: it must split evenly over {n} processes.")
     if cfg["in_memory"]:
         return
-    if kind != "folder":
-        raise ValueError(f"--num-processes {n} streams image folders: a {kind} source needs --in-memory.")
+    if kind not in ("folder", "tfds"):
+        raise ValueError(f"--num-processes {n} streams image folders and TFDS: a {kind} source needs --in-memory.")
     if cfg["augment_on"] != "device":
         raise ValueError(
-            f"--num-processes {n} streams its folder with the augmentation on the device: add --augment-on device."
+            f"--num-processes {n} streams its data with the augmentation on the device: add --augment-on device."
         )
 
 

@@ -33,7 +33,7 @@ def banner(config, record, info, replicas, loaded, run_dir):
     """The line that opens a run: what trains on what, how long, where and how."""
     unreadable = len(info["unreadable"])
     stream = info.get("stream")
-    streamed = f", streamed: {count(stream.local_batch, 'file')} of each batch per process" if stream else ""
+    streamed = f", streamed: {count(stream.local_batch, 'image')} of each batch per process" if stream else ""
     return (
         f"Training {describe_model(config)}{start_note(config, record.weights, loaded)} on {config.data}: "
         f"{info['num_train']} train / {count(info['num_val'], 'val image')}, "

@@ -1,4 +1,4 @@
-"""The sharded, resumable folder stream (keras_convmixer.data.stream) on every backend."""
+"""The sharded, resumable folder and TFDS stream (keras_convmixer.data.stream) on every backend."""
 
 import json
 
@@ -157,7 +157,7 @@ def test_stream_arguments_and_states_are_checked(tmp_path):
         assert name in one_line(excinfo), change
     with pytest.raises(ValueError) as excinfo:
         ShardedStream(data.load_source("digits", val_split=0).train, image_size=8, global_batch=8)
-    assert "files split" in one_line(excinfo)
+    assert "files or TFDS split" in one_line(excinfo)
     s = stream(split, epochs=2)
     for state, name in [
         (StreamState(0, 0, 4), "seed 4"),
@@ -171,3 +171,77 @@ def test_stream_arguments_and_states_are_checked(tmp_path):
         with pytest.raises(ValueError) as excinfo:
             StreamState.from_dict(bad)
         one_line(excinfo)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+@pytest.fixture(scope="module")
+def tfds_ids(tmp_path_factory):
+    """``tests.tfds_tiny``'s 26 constant-grey images (image ``i`` all ``grey(i)``, class ``i % 2``), prepared
+    locally; TFDS wrote them in its own shuffled order, so a part's ids are not a range."""
+    pytest.importorskip("tensorflow_datasets")
+    from tests import tfds_tiny  # registers the builder
+
+    assert tfds_tiny.grey(5) == grey(5)
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    return data.load_source("tfds:tiny_convmixer_ids", data_dir=data_dir, download=True, val_split=0).train
+
+
+@pytest.fixture(scope="module")
+def tfds_noise(tmp_path_factory):
+    """``tests.tfds_tiny``'s 12 noise images (grey, 6 to 8 x 8): a wrong crop or order changes the pixels."""
+    pytest.importorskip("tensorflow_datasets")
+    from tests import tfds_tiny  # noqa: F401 (registers the builder)
+
+    data_dir = str(tmp_path_factory.mktemp("tfds_noise"))
+    return data.load_source("tfds:tiny_convmixer_images", data_dir=data_dir, download=True, val_split=0).train
+
+
+def test_tfds_processes_read_their_own_part_and_each_epoch_covers_it_in_a_new_order(tfds_ids):
+    one = stream(tfds_ids)
+    assert one.steps_per_epoch == 3
+    for epoch in range(2):  # one process: 24 of the 26 images an epoch, each once
+        read = [i for b in take(one, 3, StreamState(epoch, 0, 3)) for i in ids(b)]
+        assert len(set(read)) == 24
+    parts = [stream(tfds_ids, process_index=p, process_count=2) for p in (0, 1)]
+    assert parts[0].steps_per_epoch == 3 and parts[0].local_batch == 4
+    seen, orders = [set(), set()], []
+    for epoch in range(3):
+        read = [[i for b in take(s, 3, StreamState(epoch, 0, 3)) for i in ids(b)] for s in parts]
+        assert all(len(set(r)) == 12 for r in read)  # 12 different images a process an epoch
+        assert not set(read[0]) & set(read[1])
+        for p in (0, 1):
+            seen[p] |= set(read[p])
+        orders.append(read)
+    # Each process keeps to its own half (13 of the 26: 12 of them an epoch), and the halves cover the split.
+    assert not seen[0] & seen[1] and all(len(s) == 13 for s in seen)
+    assert orders[0][0] != orders[1][0] and orders[1][0] != orders[2][0]
+    # The first batches of two epochs share no more than chance would: an order, not a rotation of one.
+    assert len(set(orders[0][0][:4]) & set(orders[1][0][:4])) < 4
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_a_tfds_stream_resumes_from_a_saved_state_with_the_batches_an_uninterrupted_run_reads(
+    tfds_noise, process_count
+):
+    for p in range(process_count):
+
+        def make(p=p):
+            return ShardedStream(
+                tfds_noise, image_size=8, global_batch=4, seed=5, process_index=p, process_count=process_count
+            )
+
+        iterator = StreamIterator(make())
+        uninterrupted = [tuple(t.numpy() for t in next(iterator)) for _ in range(8)]  # 3 steps an epoch
+        for stop in (2, 3, 4):  # inside an epoch, at its end, after it
+            first = StreamIterator(make())
+            for _ in range(stop):
+                next(first)
+            state = StreamState.from_dict(json.loads(json.dumps(first.get_state().to_dict())))
+            assert state == make().state_at(stop)
+            resumed = StreamIterator(make(), state)
+            for want in uninterrupted[stop:]:
+                got = next(resumed)
+                np.testing.assert_array_equal(got[0].numpy(), want[0])
+                np.testing.assert_array_equal(got[1].numpy(), want[1])

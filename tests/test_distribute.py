@@ -208,7 +208,7 @@ def test_two_processes_stream_a_folder_and_train_the_weights_one_process_does_on
     for i in range(2):
         out = (root / "two" / f"process_{i}.out").read_text()
         assert "2 epochs x 23 steps, batch 16, strategy data-parallel (2 replicas)" in out, out[-2000:]
-        assert "augment on device, streamed: 8 files of each batch per process" in out
+        assert "augment on device, streamed: 8 images of each batch per process" in out
     assert (
         "2 epochs x 23 steps, batch 16, strategy data-parallel (1 replica)"
         in (root / "one" / "process_0.out").read_text()
@@ -259,6 +259,27 @@ def test_a_killed_process_ends_the_other_with_one_line_and_the_same_command_read
     assert [row.split(",")[0] for row in (run / "history.csv").read_text().splitlines()[1:]] == ["0", "1"]
     for a, b in zip(_weights(run / "last.keras"), _weights(root / "two" / "run" / "last.keras"), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # the batches the uninterrupted run read
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
+def test_two_processes_stream_a_tfds_split_without_holding_it_in_memory(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from keras_convmixer import data
+    from tests import tfds_tiny  # noqa: F401 (registers the builder; the runs read the prepared files)
+
+    data_dir = str(tmp_path / "tfds")
+    data.load_source("tfds:tiny_convmixer_ids", data_dir=data_dir, download=True)
+    run = tmp_path / "run"
+    # 26 images, 3 held out: 23 to train, 11 in each process's part, so 5 global batches of 4 an epoch.
+    tfds_run = dict(data="tfds:tiny_convmixer_ids", data_dir=data_dir, val_split=3, epochs=2, batch_size=4)
+    _wait(_processes(run, tmp_path, 2, val_steps=1, **tfds_run), tmp_path)
+    for i in range(2):
+        out = (tmp_path / f"process_{i}.out").read_text()
+        assert "2 epochs x 5 steps, batch 4, strategy data-parallel (2 replicas)" in out, out[-2000:]
+        assert "augment on device, streamed: 2 images of each batch per process" in out
+    for a, b in zip(_weights(run / "last.keras"), _weights(run / "process_1" / "last.keras"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((run / "backup" / "epoch-0002.stream.json").read_text()) == {"epoch": 2, "step": 0, "seed": 0}
 
 
 def test_only_a_lost_peer_of_a_multi_process_run_is_named_as_one():

@@ -137,7 +137,7 @@ def test_every_mistake_is_one_line_naming_the_flag(recipe, overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_multi_process_needs_jax_and_streams_folders_or_holds_data_in_memory(tmp_path):
+def test_multi_process_needs_jax_and_streams_folders_and_tfds_or_holds_data_in_memory(tmp_path):
     two = {"num_processes": 2, "coordinator": "127.0.0.1:1234"}
     if BACKEND != "jax":
         with pytest.raises(ValueError, match="needs KERAS_BACKEND=jax"):
@@ -146,15 +146,20 @@ def test_multi_process_needs_jax_and_streams_folders_or_holds_data_in_memory(tmp
     (tmp_path / "a").mkdir()
     folder = f"folder:{tmp_path}"
     for overrides, message in (
-        ({}, "--num-processes 2 streams image folders: a digits source needs --in-memory."),
-        ({"data": folder, "augment_on": "host"}, "add --augment-on device"),
+        ({}, "--num-processes 2 streams image folders and TFDS: a digits source needs --in-memory."),
+        ({"data": folder, "augment_on": "host"}, "streams its data with the augmentation on the device"),
+        ({"data": "tfds:cifar10", "augment_on": "host"}, "add --augment-on device"),
         ({"data": folder, "augment_on": "device", "batch_size": 33}, "--batch-size 33 is global: it must split"),
         ({"in_memory": True, "augment_on": "device", "batch_size": 33}, "--batch-size 33 is global"),
     ):
         with pytest.raises(ValueError) as err:
             recipes.resolve_config("demo", {**two, **overrides})
         assert message in str(err.value) and "\n" not in str(err.value)
-    for fine in ({"data": folder, "augment_on": "device"}, {"in_memory": True, "augment_on": "device"}):
+    for fine in (
+        {"data": folder, "augment_on": "device"},
+        {"data": "tfds:cifar10", "augment_on": "device"},
+        {"in_memory": True, "augment_on": "device"},
+    ):
         assert recipes.resolve_config("demo", {**two, **fine})["num_processes"] == 2
 
 

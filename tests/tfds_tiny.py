@@ -35,3 +35,28 @@ class TinyConvmixerImages(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split):
         for i in range(self.SIZES[split]):
             yield i, {"image": tiny_image(split, i), "label": i % 3}
+
+
+def grey(i):
+    """The one grey level of every pixel of ``tiny_convmixer_ids``' image ``i``: a crop of it shows which it is."""
+    return 10 + 9 * i
+
+
+class TinyConvmixerIds(tfds.core.GeneratorBasedBuilder):
+    """26 constant-grey 12x16 RGB images in two classes (image ``i`` in class ``i % 2``)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SIZE = 26
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {"image": tfds.features.Image(shape=(12, 16, 3)), "label": tfds.features.ClassLabel(names=["c0", "c1"])}
+        )
+        return self.dataset_info_from_configs(features=features, supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(self.SIZE):
+            yield i, {"image": np.full((12, 16, 3), grey(i), np.uint8), "label": i % 2}

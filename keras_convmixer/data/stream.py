@@ -1,4 +1,4 @@
-"""A streamed training input from a files split, sharded by process and resumable to the batch.
+"""A streamed training input from a files or TFDS split, sharded by process and resumable to the batch.
 
 Every process computes the same order of each epoch (a stateless shuffle of the split keyed by the seed
 and the epoch) and cuts it into global batches of ``global_batch`` files; process ``p`` of ``P`` reads
@@ -14,6 +14,14 @@ order is left out, a different part each epoch); a file that fails to decode giv
 slot, so that no process runs short of a batch that the others' step waits for, and is named in the
 split's ``DecodeAudit``. All processes must see the same files at the same paths and run the same
 TensorFlow (the shuffle is TensorFlow's stateless one).
+
+A TFDS split (TFRecord files, which have no random access) is sharded as TFDS shards for JAX processes:
+process ``p`` reads only the ``p``-th of ``P`` equal contiguous parts of the split (``tfds.even_splits``),
+so ``P`` processes do not read the batches one process would. Each epoch reads its part's files in an
+order keyed by the seed and the epoch, 16 files interleaved, permuted in blocks of ``shuffle_buffer``
+records (stateless, keyed by the seed, the epoch and the block; a block is held in memory as encoded
+records), and decodes only the crop's window of each image. The state is the same three numbers; a
+resumed run skips the records of the epoch's steps already read (read, not decoded).
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ class ShardedStream:
     Each batch is ``(uint8 [global_batch / process_count, image_size, image_size, 3], int32 labels)``:
     this process's part of a global batch, cropped by ``crop`` (default: timm's ImageNet
     ``RandomResizedCrop``, random interpolation). ``epochs=None`` streams without end.
+    ``shuffle_buffer``: a TFDS split's records are shuffled in blocks of this many, read from its files in a
+    random order, 16 at a time (a folder's order is one permutation of all its files).
     """
 
     def __init__(
@@ -80,9 +90,10 @@ class ShardedStream:
         crop: HostCrop | None = None,
         epochs: int | None = None,
         audit: DecodeAudit | None = None,
+        shuffle_buffer: int = 4096,
     ):
-        if not isinstance(split, Split) or split.kind != "files":
-            raise ValueError("ShardedStream streams a files split (a folder source from load_source)")
+        if not isinstance(split, Split) or split.kind not in ("files", "tfds"):
+            raise ValueError("ShardedStream streams a files or TFDS split (a folder or tfds: source from load_source)")
         self.split = split
         self.image_size = _whole(image_size, "image_size", 1)
         self.global_batch = _whole(global_batch, "global_batch", 1)
@@ -93,13 +104,17 @@ class ShardedStream:
             raise ValueError(f"process_index {process_index} is not below process_count {process_count}")
         if self.global_batch % self.process_count:
             raise ValueError(f"global batch {global_batch} does not split evenly over {process_count} processes")
-        if len(split) < self.global_batch:
-            raise ValueError(f"the split has {len(split)} files, fewer than one global batch of {global_batch}")
+        self.shuffle_buffer = _whole(shuffle_buffer, "shuffle_buffer", 1)
+        # A TFDS process reads its own part: the epoch is as long as the parts' equal share of it.
+        self._records = _tfds_records(split, self.process_index, self.process_count) if split.kind == "tfds" else None
+        per_epoch = len(split) if self._records is None else self._records.per_process * self.process_count
+        if per_epoch < self.global_batch:
+            raise ValueError(f"the split has {len(split)} images, fewer than one global batch of {global_batch}")
         self.crop = crop if crop is not None else HostCrop(interpolation="random")
         decoding.check_crop(self.crop, training=True)
         self.epochs = None if epochs is None else _whole(epochs, "epochs", 1)
         self.local_batch = self.global_batch // self.process_count
-        self.steps_per_epoch = len(split) // self.global_batch
+        self.steps_per_epoch = per_epoch // self.global_batch
         self.audit = audit if audit is not None else split.audit if split.audit is not None else DecodeAudit()
         self._start = None
 
@@ -121,8 +136,11 @@ class ShardedStream:
         return state
 
     def _slots(self, first_epoch, first_step):
-        """The dataset of ``(key, (path, label))`` for this process's files from step ``first_step`` of epoch
-        ``first_epoch`` on (Python ints or int64 scalars, read when an iterator is made)."""
+        """The dataset of ``(key, (path, label))`` (a TFDS split: ``(key, (record id, encoded image, label))``)
+        for this process's images from step ``first_step`` of epoch ``first_epoch`` on (Python ints or int64
+        scalars, read when an iterator is made)."""
+        if self._records is not None:
+            return self._tfds_slots(first_epoch, first_step)
         tf = import_tf()
         n, g, local = len(self.split), self.global_batch, self.local_batch
         paths = tf.constant([str(p) for p in self.split.paths])
@@ -141,6 +159,53 @@ class ShardedStream:
             files = tf.gather(order, slots)
             keys = epoch * (self.steps_per_epoch * g) + slots  # the slot in the whole stream: the crop's key
             return tf.data.Dataset.from_tensor_slices((keys, (tf.gather(paths, files), tf.gather(labels, files))))
+
+        stop = self.epochs if self.epochs is not None else np.iinfo(np.int64).max
+        return tf.data.Dataset.range(first_epoch, stop).flat_map(epoch_slots)
+
+    def _tfds_slots(self, first_epoch, first_step):
+        tf = import_tf()
+        records, g, local, steps = self._records, self.global_batch, self.local_batch, self.steps_per_epoch
+        files = tf.constant(records.files)
+        skips = tf.constant(records.skips, tf.int64)
+        takes = tf.constant(records.takes, tf.int64)
+        offsets = tf.range(local, dtype=tf.int64) + self.process_index * local
+        first_epoch = tf.cast(first_epoch, tf.int64)
+        first_step = tf.cast(first_step, tf.int64)
+        parse = records.parse
+
+        def read(file, skip, take):
+            def named(i, record):
+                return tf.strings.join([file, "[", tf.strings.as_string(i), "]"]), record
+
+            return tf.data.TFRecordDataset(file).skip(skip).take(take).enumerate(skip).map(named)
+
+        def epoch_slots(epoch):
+            key = tf.stack([tf.constant(self.seed, tf.int64), epoch])
+            order = tf.random.experimental.stateless_shuffle(tf.range(len(records.files), dtype=tf.int64), seed=key)
+            instructions = tf.data.Dataset.from_tensor_slices(
+                (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order))
+            )
+            first = tf.where(tf.equal(epoch, first_epoch), first_step, tf.constant(0, tf.int64))
+
+            # Stateless, as the folder's order: tf.data's own shuffle, seeded per epoch, gave orders whose first
+            # elements repeated from one seed to the next (measured), so each block is permuted here.
+            def permuted(block_index, block):
+                block_key = tf.random.experimental.stateless_fold_in(key, block_index)
+                order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(block[0])[0]), seed=block_key)
+                return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(part, order) for part in block))
+
+            named = (
+                instructions.interleave(read, cycle_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .batch(self.shuffle_buffer)
+                .enumerate()
+                .flat_map(permuted)
+                .skip(first * local)  # records, not yet parsed or decoded
+                .take((steps - first) * local)
+            )
+            slots = tf.reshape(tf.range(first, steps, dtype=tf.int64)[:, None] * g + offsets[None, :], [-1])
+            keys = tf.data.Dataset.from_tensor_slices(epoch * (steps * g) + slots)
+            return tf.data.Dataset.zip(keys, named).map(lambda k, r: (k, (r[0], *parse(r[1]))))
 
         stop = self.epochs if self.epochs is not None else np.iinfo(np.int64).max
         return tf.data.Dataset.range(first_epoch, stop).flat_map(epoch_slots)
@@ -184,16 +249,24 @@ class ShardedStream:
         """``(key, (path, label)) -> dataset of one (crop, label)``: the decoded crop, or a black image when the
         file fails to decode (its index noted for the audit)."""
         tf = import_tf()
-        max_pixels = check_max_pixels(self.split.max_pixels)
-        decode = decoding.decoder(
-            max_pixels if not self.split.sizes_checked else None, self.crop, self.image_size, self.seed
-        )
+        max_pixels = check_max_pixels(self.split.max_pixels) if self._records is None else None
+        if self._records is None:
+            decode = decoding.decoder(
+                max_pixels if not self.split.sizes_checked else None, self.crop, self.image_size, self.seed
+            )
+        else:  # the TFDS record's encoded image, already read
+
+            def decode(key, item):
+                _, contents, label = item
+                uniforms = decoding.draws(self.crop, self.seed, key)
+                return decoding.decode_crop(contents, self.image_size, uniforms, self.crop), label
+
         failed = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, default_value=0)
         black = tf.zeros([self.image_size, self.image_size, 3], tf.uint8)
 
         def substitute(key, item):
-            path, label = item
-            with tf.control_dependencies([failed.insert(path, tf.constant(1, tf.int64))]):
+            name, label = item[0], item[-1]
+            with tf.control_dependencies([failed.insert(name, tf.constant(1, tf.int64))]):
                 return tf.identity(black), label
 
         def one(key, item):
@@ -205,6 +278,42 @@ class ShardedStream:
 
     def __iter__(self):
         return StreamIterator(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsRecords:
+    """This process's part of a TFDS split: its TFRecord file ranges and the parse of one record."""
+
+    files: list
+    skips: list
+    takes: list
+    per_process: int
+    parse: object  # serialized record -> (encoded image, int32 label)
+
+
+def _tfds_records(split: Split, process_index: int, process_count: int) -> _TfdsRecords:
+    import tensorflow_datasets as tfds
+
+    tf = import_tf()
+    builder = tfds.builder(split.tfds_name, data_dir=split.data_dir)
+    info = builder.info
+    if str(info.file_format.value) != "tfrecord":
+        raise ValueError(
+            f"TFDS dataset {split.tfds_name!r} is stored as {info.file_format.value}: "
+            "the stream reads TFRecord files: prepare it with file_format='tfrecord', or train one process with "
+            "--augment-on host"
+        )
+    part = tfds.even_splits(split.tfds_split, n=process_count, drop_remainder=True)[process_index]
+    instructions = [i for i in info.splits[part].file_instructions if i.take != 0]
+    takes = [i.take if i.take > 0 else i.examples_in_shard - i.skip for i in instructions]
+    image_key, label_key = info.supervised_keys[:2]
+    features = info.features
+
+    def parse(serialized):
+        example = features.deserialize_example(serialized, decoders={image_key: tfds.decode.SkipDecoding()})
+        return example[image_key], tf.cast(example[label_key], tf.int32)
+
+    return _TfdsRecords([i.filename for i in instructions], [i.skip for i in instructions], takes, sum(takes), parse)
 
 
 class StreamIterator:
