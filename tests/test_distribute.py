@@ -262,6 +262,22 @@ def test_a_killed_process_ends_the_other_with_one_line_and_the_same_command_read
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
+def test_a_killed_coordinator_ends_the_other_process_with_one_line(streamed_runs, tmp_path):
+    _, folder = streamed_runs
+    run = tmp_path / "run"
+    procs = _processes(run, tmp_path, 2, data=folder, **STREAMED)
+    killed = _kill_after_first_epoch(procs, run, tmp_path, victim=0)  # process 0 also runs the coordinator
+    procs[1].wait(timeout=120)
+    waited = time.monotonic() - killed
+    err = (tmp_path / "process_1.err").read_text()
+    assert procs[1].returncode == 1, err[-2000:]
+    assert waited < 60, waited
+    assert "Traceback" not in err and "Check failure" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("train.py: process 0 of this 2-process run stopped, so process 1 stops too"), last
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution multi-process runs on JAX")
 def test_two_processes_stream_a_tfds_split_without_holding_it_in_memory(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     from keras_convmixer import data
