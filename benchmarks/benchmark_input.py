@@ -16,9 +16,10 @@ augmentation costs on top). The host part of ``--augment-on device`` (no flip; t
 dtype="uint8")``); ``crop-full`` decodes whole images and crops them (``tf_random_resized_crop``);
 ``stream`` is ``window``'s work through ``data.stream.ShardedStream`` (one process of one).
 The reference is a ``DataLoader(num_workers=--workers)``; it needs torch, torchvision and timm.
-``--sides`` may also name ``timm-loader`` (timm's ``create_loader`` with the recipe) and ``timm-loader-crop``
-(``create_loader`` with the crop and flip only). ``--rounds`` repeats the runs, interleaved, so that a
-shared machine's load falls on every side alike; compare the ratios within a round.
+``--sides`` may also name ``timm-loader`` (timm's ``create_loader`` with the recipe), ``timm-loader-crop``
+(``create_loader`` with the crop and flip only) and ``grain`` (the host part through Grain's DataLoader with
+``--workers`` workers: ``benchmarks/grain_loader.py``, needs ``pip install grain``). ``--rounds`` repeats the
+runs, interleaved, so that a shared machine's load falls on every side alike; compare the ratios within a round.
 ``--make-folder N`` first writes an ImageNet-shaped folder of N JPEGs (about 500x375, quality 90, 10
 classes) at the ``--data`` path, if it is not there.
 
@@ -325,7 +326,24 @@ def profile_host(args, files=300):
     return results
 
 
-SIDES = ("ours", "reference", "timm-loader", "timm-loader-crop", "profile")
+def grain_side(args):
+    """The host part through Grain's ``DataLoader`` (``benchmarks.grain_loader``), ``--workers`` workers."""
+    from benchmarks.grain_loader import grain_loader, tree_cpu
+    from tests.vision_reference import import_vision
+
+    import_vision()  # timm's crop sampler, in the workers too
+    try:
+        import grain.python  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmark_input.py: --sides grain needs Grain (pip install grain)") from None
+    root = args.data.split(":", 1)[1] if args.data.startswith("folder:") else args.data
+    loader = grain_loader(root, args.image_size, args.batch_size, args.workers, args.seed)
+    result = benchmark_dataset(loader, max_batches=args.max_batches, cpu=tree_cpu)
+    result.update(side="grain", workers=args.workers)
+    return result
+
+
+SIDES = ("ours", "reference", "timm-loader", "timm-loader-crop", "grain", "profile")
 IMPLS = ("image", "batch", "none", "window", "crop-full", "stream")
 
 
@@ -336,6 +354,8 @@ def _run(args, side, impl):
         return ours(args, impl)
     if side == "reference":
         return reference(args)
+    if side == "grain":
+        return grain_side(args)
     return timm_loader(args, crop_only=side == "timm-loader-crop")
 
 
