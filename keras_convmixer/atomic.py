@@ -24,6 +24,19 @@ class FileError(OSError):
         return self.strerror or super().__str__()
 
 
+def file_in_the_way(path):
+    """The file (anything not a folder) at ``path`` or at one of its parents, which stops a folder being made
+    there; None when there is none. Checked before any work, so the error names it rather than an errno."""
+    path = os.path.abspath(os.fspath(path))
+    while True:
+        if os.path.lexists(path) and not os.path.isdir(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
 def _fsync_dir(directory):
     with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename is still atomic
         fd = os.open(directory, os.O_RDONLY)

@@ -134,6 +134,10 @@ def convert_checkpoint(
     (``presets.default_class_names``), any other numbered ones. Returns the config dict, with the
     choices made (``arch``) under ``"conversion"``.
     """
+    blocker = atomic.file_in_the_way(output_dir)
+    if blocker:
+        where = "is a file" if blocker == os.path.abspath(output_dir) else f"is under {blocker!r}, a file"
+        raise ValueError(f"--output {output_dir!r} {where}, not a folder: choose a folder.")
     if os.path.exists(os.path.join(output_dir, "config.json")):
         # It may be a training run: its best.keras would be paired with the converted config.
         raise ValueError(f"{output_dir} already holds a config.json (a run or a conversion): choose a new --output.")

@@ -78,8 +78,13 @@ def export_model(model_path, fmt, output=None, verbose=False, overwrite=False):
 def _check_target(output, source, overwrite):
     """Refuse, before anything is written, a target that is a file, is not empty (without ``overwrite``),
     or holds the model being exported (``overwrite`` would delete it)."""
-    if os.path.lexists(output) and not os.path.isdir(output):
+    blocker = atomic.file_in_the_way(output)
+    if blocker == output:
         raise ExportTargetError(f"Export target {output!r} is a file, not a folder: choose a folder for --output.")
+    if blocker:
+        raise ExportTargetError(
+            f"Export target {output!r} is under {blocker!r}, a file, not a folder: choose a folder for --output."
+        )
     if os.path.commonpath([output, source]) == output:
         raise ExportTargetError(
             f"Export target {output!r} holds the model being exported ({source}): choose another --output."

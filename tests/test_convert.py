@@ -248,6 +248,18 @@ def test_conversion_refuses_a_directory_with_a_config(converted, tmp_path):
     assert (run / "config.json").read_text() == '{"model": "a training run"}'
 
 
+def test_conversion_refuses_an_output_that_is_or_lies_under_a_file(converted, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for output, says in (
+        (tmp_path / "notes.txt", "is a file, not a folder"),
+        (tmp_path / "notes.txt" / "converted", f"is under '{tmp_path / 'notes.txt'}', a file, not a folder"),
+    ):
+        with pytest.raises(ValueError) as err:
+            conversion.convert_checkpoint(converted["ckpt"], output)
+        assert says in str(err.value) and "\n" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("timm_name", ["convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14", None])
 def test_converted_eval_transform_is_timms(timm_name):
     from tests.vision_reference import vision_or_skip

@@ -275,6 +275,10 @@ def test_overwrite_never_deletes_the_model_being_exported(run, tmp_path, capsys)
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli("export", [path, "--format", "keras", "--output", tmp_path / "file"], capsys)
     assert code == 2 and "is a file, not a folder" in one_error_line(err)
+    for under in (tmp_path / "file" / "export", tmp_path / "file" / "a" / "b"):  # a folder cannot be made there
+        code, _, err = run_cli("export", [path, "--format", "keras", "--output", under], capsys)
+        assert code == 2 and f"is under '{tmp_path / 'file'}', a file, not a folder" in one_error_line(err)
+    assert (tmp_path / "file").read_text() == "x"
     assert _snapshot(path) == before
 
 
