@@ -14,7 +14,8 @@ choice per image); ``none`` leaves RandAugment and erasing out (decode, crop and
 augmentation costs on top). The host part of ``--augment-on device`` (no flip; the rest runs on the device):
 ``window`` decodes only the crop's window and resizes it to uint8 (``make_dataset(crop=HostCrop(...),
 dtype="uint8")``); ``crop-full`` decodes whole images and crops them (``tf_random_resized_crop``);
-``stream`` is ``window``'s work through ``data.stream.ShardedStream`` (one process of one).
+``stream`` is ``window``'s work through ``data.stream.ShardedStream`` (one process of one); ``stream-tfds`` the
+same on the folder's JPEGs written once, unchanged, as a prepared TFDS dataset (``benchmarks/tfds_folder.py``).
 The reference is a ``DataLoader(num_workers=--workers)``; it needs torch, torchvision and timm.
 ``--sides`` may also name ``timm-loader`` (timm's ``create_loader`` with the recipe), ``timm-loader-crop``
 (``create_loader`` with the crop and flip only) and ``grain`` (the host part through Grain's DataLoader with
@@ -131,9 +132,14 @@ def host_part(args, impl):
     if impl == "window":
         crop = HostCrop(scale, ratio, interpolation)
         dataset = data.make_dataset(source.train, crop=crop, dtype="uint8", repeat=True, **common)
-    elif impl == "stream":
+    elif impl in ("stream", "stream-tfds"):
         from keras_convmixer.data.stream import ShardedStream
 
+        if impl == "stream-tfds":  # the same files, as a prepared TFDS dataset
+            from benchmarks import tfds_folder
+
+            data_dir = tfds_folder.prepare(args.data.split(":", 1)[1])
+            source = data.load_source("tfds:bench_folder_jpegs", data_dir=data_dir, val_split=0)
         crop = HostCrop(scale, ratio, interpolation)
         size = args.image_size
         stream = ShardedStream(source.train, image_size=size, global_batch=args.batch_size, seed=args.seed, crop=crop)
@@ -153,7 +159,7 @@ def ours(args, impl):
     """Our tf.data pipeline through ``data.make_dataset``: returns the result dict."""
     import tensorflow as tf
 
-    if impl in ("window", "crop-full", "stream"):
+    if impl in ("window", "crop-full", "stream", "stream-tfds"):
         return host_part(args, impl)
     from keras_convmixer import augment, data
 
@@ -344,7 +350,7 @@ def grain_side(args):
 
 
 SIDES = ("ours", "reference", "timm-loader", "timm-loader-crop", "grain", "profile")
-IMPLS = ("image", "batch", "none", "window", "crop-full", "stream")
+IMPLS = ("image", "batch", "none", "window", "crop-full", "stream", "stream-tfds")
 
 
 def _run(args, side, impl):
