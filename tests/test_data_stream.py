@@ -87,9 +87,13 @@ def crops_of_a_photo_folder(tmp_path):
     return data.load_source(f"folder:{root}", val_split=0).train
 
 
+@pytest.mark.parametrize("source", ["folder", "tfds"])
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_a_saved_state_resumes_with_the_batches_an_uninterrupted_run_reads_next(tmp_path, process_count):
-    split = crops_of_a_photo_folder(tmp_path)  # random crops of noise: a wrong crop or order cannot pass
+def test_a_saved_state_resumes_with_the_batches_an_uninterrupted_run_reads_next(
+    tmp_path, request, source, process_count
+):
+    # Random crops of noise: a wrong crop or order cannot pass. 16 files (4 steps an epoch) or 12 TFDS images (3).
+    split = crops_of_a_photo_folder(tmp_path) if source == "folder" else request.getfixturevalue("tfds_noise")
     for p in range(process_count):
 
         def make(p=p):
@@ -98,8 +102,8 @@ def test_a_saved_state_resumes_with_the_batches_an_uninterrupted_run_reads_next(
             )
 
         iterator = StreamIterator(make())
-        uninterrupted = [tuple(t.numpy() for t in next(iterator)) for _ in range(8)]  # 3 steps an epoch
-        for stop in (2, 3, 4) if process_count == 1 else (4,):  # inside an epoch, at its end, after it
+        uninterrupted = [tuple(t.numpy() for t in next(iterator)) for _ in range(8)]
+        for stop in (2, 3, 4) if process_count == 1 else (4,):  # inside an epoch, and at or after its end
             first = StreamIterator(make())
             for _ in range(stop):
                 next(first)
@@ -219,29 +223,3 @@ def test_tfds_processes_read_their_own_part_and_each_epoch_covers_it_in_a_new_or
     assert orders[0][0] != orders[1][0] and orders[1][0] != orders[2][0]
     # The first batches of two epochs share no more than chance would: an order, not a rotation of one.
     assert len(set(orders[0][0][:4]) & set(orders[1][0][:4])) < 4
-
-
-@pytest.mark.parametrize("process_count", [1, 2])
-def test_a_tfds_stream_resumes_from_a_saved_state_with_the_batches_an_uninterrupted_run_reads(
-    tfds_noise, process_count
-):
-    for p in range(process_count):
-
-        def make(p=p):
-            return ShardedStream(
-                tfds_noise, image_size=8, global_batch=4, seed=5, process_index=p, process_count=process_count
-            )
-
-        iterator = StreamIterator(make())
-        uninterrupted = [tuple(t.numpy() for t in next(iterator)) for _ in range(8)]  # 3 steps an epoch
-        for stop in (2, 3, 4):  # inside an epoch, at its end, after it
-            first = StreamIterator(make())
-            for _ in range(stop):
-                next(first)
-            state = StreamState.from_dict(json.loads(json.dumps(first.get_state().to_dict())))
-            assert state == make().state_at(stop)
-            resumed = StreamIterator(make(), state)
-            for want in uninterrupted[stop:]:
-                got = next(resumed)
-                np.testing.assert_array_equal(got[0].numpy(), want[0])
-                np.testing.assert_array_equal(got[1].numpy(), want[1])
