@@ -334,14 +334,14 @@ def profile_host(args, files=300):
 
 def grain_side(args):
     """The host part through Grain's ``DataLoader`` (``benchmarks.grain_loader``), ``--workers`` workers."""
-    from benchmarks.grain_loader import grain_loader, tree_cpu
-    from tests.vision_reference import import_vision
-
-    import_vision()  # timm's crop sampler, in the workers too
     try:
         import grain.python  # noqa: F401
     except ImportError:
         raise SystemExit("benchmark_input.py: --sides grain needs Grain (pip install grain)") from None
+    from benchmarks.grain_loader import grain_loader, tree_cpu
+    from tests.vision_reference import import_vision
+
+    import_vision()  # timm's crop sampler, in the workers too
     root = args.data.split(":", 1)[1] if args.data.startswith("folder:") else args.data
     loader = grain_loader(root, args.image_size, args.batch_size, args.workers, args.seed)
     result = benchmark_dataset(loader, max_batches=args.max_batches, cpu=tree_cpu)

@@ -9,7 +9,6 @@ Needs ``pip install grain`` (not a dependency of the project) and timm.
 """
 
 import math
-import os
 import random
 
 import numpy as np
@@ -60,12 +59,10 @@ def grain_loader(root, image_size, batch_size, workers, seed):
 
     if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags; this script has its own parser
         flags.FLAGS.mark_as_parsed()
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files = [
-        (os.path.join(root, c, name), label)
-        for label, c in enumerate(classes)
-        for name in sorted(os.listdir(os.path.join(root, c)))
-    ]
+    from keras_convmixer import data
+
+    split = data.load_source(f"folder:{root}", val_split=0).train  # the files training would list
+    files = [(str(path), int(label)) for path, label in zip(split.paths, split.labels, strict=True)]
     sampler = grain.IndexSampler(
         num_records=len(files), shard_options=grain.NoSharding(), shuffle=True, num_epochs=None, seed=seed
     )

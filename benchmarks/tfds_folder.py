@@ -12,8 +12,10 @@ import tensorflow_datasets as tfds
 _ROOT = None
 
 
-def _classes(root):
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+def _source(root):
+    from keras_convmixer import data
+
+    return data.load_source(f"folder:{root}", val_split=0)  # the classes and files training would list
 
 
 class BenchFolderJpegs(tfds.core.GeneratorBasedBuilder):
@@ -23,7 +25,7 @@ class BenchFolderJpegs(tfds.core.GeneratorBasedBuilder):
         features = tfds.features.FeaturesDict(
             {
                 "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=_classes(_ROOT)),
+                "label": tfds.features.ClassLabel(names=_source(_ROOT).class_names),
             }
         )
         return self.dataset_info_from_configs(features=features, supervised_keys=("image", "label"))
@@ -32,11 +34,10 @@ class BenchFolderJpegs(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        for label, name in enumerate(_classes(_ROOT)):
-            folder = os.path.join(_ROOT, name)
-            for file in sorted(os.listdir(folder)):
-                with open(os.path.join(folder, file), "rb") as f:  # the JPEG's bytes, not re-encoded
-                    yield f"{name}/{file}", {"image": f.read(), "label": label}
+        split = _source(_ROOT).train
+        for path, label in zip(split.paths, split.labels, strict=True):
+            with open(path, "rb") as f:  # the JPEG's bytes, not re-encoded
+                yield os.path.relpath(path, _ROOT), {"image": f.read(), "label": int(label)}
 
 
 def prepare(root):

@@ -205,7 +205,9 @@ class ShardedStream:
             )
             slots = tf.reshape(tf.range(first, steps, dtype=tf.int64)[:, None] * g + offsets[None, :], [-1])
             keys = tf.data.Dataset.from_tensor_slices(epoch * (steps * g) + slots)
-            return tf.data.Dataset.zip(keys, named).map(lambda k, r: (k, (r[0], *parse(r[1]))))
+            return tf.data.Dataset.zip(keys, named).map(
+                lambda k, r: (k, (r[0], *parse(r[1]))), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            )
 
         stop = self.epochs if self.epochs is not None else np.iinfo(np.int64).max
         return tf.data.Dataset.range(first_epoch, stop).flat_map(epoch_slots)
@@ -249,12 +251,13 @@ class ShardedStream:
         """``(key, (path, label)) -> dataset of one (crop, label)``: the decoded crop, or a black image when the
         file fails to decode (its index noted for the audit)."""
         tf = import_tf()
-        max_pixels = check_max_pixels(self.split.max_pixels) if self._records is None else None
         if self._records is None:
+            max_pixels = check_max_pixels(self.split.max_pixels)
             decode = decoding.decoder(
                 max_pixels if not self.split.sizes_checked else None, self.crop, self.image_size, self.seed
             )
         else:  # the TFDS record's encoded image, already read
+            max_pixels = None
 
             def decode(key, item):
                 _, contents, label = item
